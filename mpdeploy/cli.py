@@ -1,0 +1,389 @@
+"""The `mpdeploy` command: parse options, call the library, print. No logic lives here."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from mpdeploy.errors import UserError
+
+log = logging.getLogger("mpdeploy")
+
+
+# --- shared option groups ---------------------------------------------------------------------
+
+
+def model_options(fn):
+    fn = click.option(
+        "--img-size",
+        type=int,
+        default=None,
+        help="Input size; inferred from the checkpoint's position embedding.",
+    )(fn)
+    fn = click.option(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="Classifier width; inferred from the checkpoint's head.",
+    )(fn)
+    fn = click.option(
+        "--weights",
+        default="hub",
+        show_default=True,
+        help="'hub' (timm pretrained), a .safetensors/.pth/.pt/.bin file, or 'none'.",
+    )(fn)
+    return fn
+
+
+def calib_options(fn):
+    fn = click.option(
+        "--calib-size",
+        type=int,
+        default=256,
+        show_default=True,
+        help="Number of calibration images (seeded choice).",
+    )(fn)
+    fn = click.option(
+        "--calib",
+        default="builtin",
+        show_default=True,
+        help="Folder of images (searched recursively) or 'builtin'.",
+    )(fn)
+    return fn
+
+
+def build_dir_option(fn):
+    return click.option(
+        "--build",
+        "build_dir",
+        required=True,
+        type=click.Path(path_type=Path),
+        help="An mpdeploy build directory.",
+    )(fn)
+
+
+def force_option(fn):
+    return click.option("--force", is_flag=True, help="Replace existing outputs.")(fn)
+
+
+def prune_options(fn):
+    fn = click.option(
+        "--round-to",
+        type=int,
+        default=8,
+        show_default=True,
+        help="Kept widths are rounded to multiples of this.",
+    )(fn)
+    fn = click.option(
+        "--method",
+        type=click.Choice(["mp", "magnitude", "random", "taylor"]),
+        default="mp",
+        show_default=True,
+        help="Pruning criterion.",
+    )(fn)
+    fn = click.option(
+        "--target-macs",
+        type=float,
+        default=0.0,
+        show_default=True,
+        help="Fraction of MACs to remove (0 = deploy as is, 0.5 = half).",
+    )(fn)
+    return fn
+
+
+def engine_options(fn):
+    fn = click.option(
+        "--max-batch",
+        type=int,
+        default=64,
+        show_default=True,
+        help="Largest batch the engine (and Triton) accepts.",
+    )(fn)
+    fn = click.option(
+        "--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True
+    )(fn)
+    fn = click.option(
+        "--backend",
+        type=click.Choice(["onnxruntime", "tensorrt"]),
+        default="onnxruntime",
+        show_default=True,
+    )(fn)
+    return fn
+
+
+def sparsity_option(fn):
+    return click.option(
+        "--sparsity",
+        default="off",
+        show_default=True,
+        help="N:M pattern: off, 2:4 (TensorRT-native), 4:8, 6:12, 8:16, 12:16.",
+    )(fn)
+
+
+def recover_options(fn):
+    fn = click.option(
+        "--train", default=None, help="Labelled image folder (or 'demo') for recovery distillation."
+    )(fn)
+    fn = click.option(
+        "--recover-epochs",
+        type=int,
+        default=0,
+        show_default=True,
+        help="Epochs of frozen-architecture distillation from the dense model.",
+    )(fn)
+    return fn
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mpdeploy")
+@click.option("-v", "--verbose", is_flag=True, help="Show debug logging.")
+def cli(verbose: bool):
+    """Prune timm vision models with Marchenko–Pastur criteria and deploy them with proof."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="mpdeploy: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@cli.command()
+@click.option(
+    "--model",
+    default="demo",
+    show_default=True,
+    help="Alias (vit_b16, vit_l16, convnextv2_base, resnet50, resnet152d, demo) or timm name.",
+)
+@model_options
+@prune_options
+@sparsity_option
+@engine_options
+@calib_options
+@recover_options
+@click.option("--out", default=None, help="Build directory [default: engines/<model>-<tag>/].")
+@click.option("--triton-repo", default=None, help="Also publish into this Triton model repository.")
+@click.option("--name", "model_name", default=None, help="Triton model name.")
+@click.option(
+    "--bench-batch",
+    "bench_batches",
+    type=int,
+    multiple=True,
+    help="Batch sizes to benchmark (repeatable) [default: 1 8 32 64 up to --max-batch].",
+)
+@click.option("--bench-iterations", type=int, default=30, show_default=True)
+@click.option(
+    "--exporter", type=click.Choice(["auto", "dynamo", "legacy"]), default="auto", show_default=True
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@force_option
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def build(quiet: bool, bench_batches, **kwargs):
+    """Build a deployable, parity-checked artifact (the bundled demo model by default)."""
+    from mpdeploy.pipeline import BuildOptions
+    from mpdeploy.pipeline import build as run_build
+    from mpdeploy.report import summary_table
+
+    opts = BuildOptions(bench_batches=tuple(bench_batches) or None, **kwargs)
+    result = run_build(opts, progress=not quiet)
+    click.echo(summary_table(result.manifest, result.build_dir))
+
+
+@cli.command()
+@click.option("--model", default="demo", show_default=True)
+@model_options
+@click.option(
+    "--target-macs",
+    type=float,
+    default=0.0,
+    help="Sparsity at which the layer budget weights are reported.",
+)
+@click.option("--out", default=None, help="Output folder [default: engines/<model>-spectrum/].")
+@force_option
+def spectrum(model, weights, num_classes, img_size, target_macs, out, force):
+    """Marchenko–Pastur analysis only: spectrum.json and spectrum.png."""
+    from mpdeploy.models import short_name
+    from mpdeploy.pipeline import BuildOptions
+    from mpdeploy.pipeline import build as run_build
+
+    out = out or str(Path("engines") / f"{short_name(model)}-spectrum")
+    opts = BuildOptions(
+        model=model,
+        weights=weights,
+        num_classes=num_classes,
+        img_size=img_size,
+        target_macs=target_macs,
+        out=out,
+        force=force,
+    )
+    result = run_build(opts, progress=False, stages=("resolve", "analyze"))
+    head = result.headline
+    click.echo(
+        f"spectrum of {result.manifest['model']['timm_name']}: "
+        f"{head.get('spectrum_layers')} layers → {result.build_dir / 'spectrum.json'}, "
+        f"{result.build_dir / 'spectrum.png'}"
+    )
+
+
+def _stage_command(name: str, stages: list[str], extra_options=(), doc: str = ""):
+    def command(build_dir: Path, force: bool, **overrides):
+        from mpdeploy.manifest import Manifest
+        from mpdeploy.pipeline import run_stages_on
+        from mpdeploy.report import summary_table
+
+        manifest = Manifest.load(build_dir)
+        done = [s for s in stages if (manifest.stage(s) or {}).get("status") == "done"]
+        if done and not force:
+            raise UserError(
+                f"{build_dir} already has the {', '.join(done)} stage; pass --force to redo it"
+            )
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        result = run_stages_on(build_dir, stages, overrides)
+        click.echo(summary_table(result.payload, build_dir))
+
+    command.__doc__ = doc
+    command.__name__ = name
+    for option in reversed([build_dir_option, force_option, *extra_options]):
+        command = option(command)
+    return cli.command(name=name)(command)
+
+
+def _optional(option_name, **kw):
+    return click.option(option_name, default=None, **kw)
+
+
+_stage_command(
+    "prune",
+    ["prune", "sparsify", "recover"],
+    [
+        _optional("--target-macs", type=float),
+        _optional("--method"),
+        _optional("--sparsity"),
+        _optional("--recover-epochs", type=int),
+        _optional("--train"),
+    ],
+    "Prune (and sparsify, recover) the dense model of a build directory.",
+)
+_stage_command(
+    "export",
+    ["export"],
+    [_optional("--precision")],
+    "Export the pruned model of a build directory to ONNX.",
+)
+_stage_command(
+    "engine",
+    ["engine"],
+    [_optional("--backend"), _optional("--precision"), _optional("--max-batch", type=int)],
+    "Build the inference engine of a build directory.",
+)
+_stage_command("verify", ["verify"], [], "Check the engine against PyTorch with Polygraphy.")
+_stage_command(
+    "bench",
+    ["bench"],
+    [_optional("--bench-iterations", type=int)],
+    "Benchmark dense vs pruned on the engine's backend.",
+)
+
+
+@cli.command()
+@click.option(
+    "--build",
+    "build_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Build directory to publish (its verify stage must have passed).",
+)
+@click.option(
+    "--triton-repo",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Triton model repository to publish into.",
+)
+@click.option("--name", default=None, help="Model name in the repository.")
+@click.option(
+    "--python-backend",
+    is_flag=True,
+    help="Publish a Triton python-backend model that runs the ONNX with ONNX Runtime.",
+)
+@click.option(
+    "--check",
+    "check_repo",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Validate an existing repository instead of publishing.",
+)
+def package(build_dir, triton_repo, name, python_backend, check_repo):
+    """Publish a verified build into a Triton model repository, or --check a repository."""
+    from mpdeploy import serving
+
+    if check_repo is not None:
+        problems = serving.check_repository(check_repo)
+        if problems:
+            click.echo(serving.format_problems(problems), err=True)
+            raise UserError(f"{len(problems)} problem(s) in {check_repo}")
+        click.echo(f"{check_repo}: valid")
+        return
+    if build_dir is None or triton_repo is None:
+        raise UserError("package needs --build DIR and --triton-repo DIR (or --check DIR)")
+    result = serving.publish(build_dir, triton_repo, name=name, python_backend=python_backend)
+    click.echo(f"published {result.name} version {result.version} into {triton_repo}")
+
+
+@cli.command()
+@click.option("--repo", required=True, type=click.Path(path_type=Path))
+@click.option("--http-port", type=int, default=8000, show_default=True)
+@click.option("--grpc-port", type=int, default=8001, show_default=True)
+def serve(repo, http_port, grpc_port):
+    """Serve a model repository with a local Triton server on 127.0.0.1 (Ctrl-C stops it)."""
+    from mpdeploy.serving import serve as run_server
+
+    run_server(repo, http_port=http_port, grpc_port=grpc_port)
+
+
+@cli.command(name="eval")
+@build_dir_option
+@click.option(
+    "--data", required=True, help="Labelled image folder (one sub-folder per class) or 'demo'."
+)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--limit", type=int, default=None, help="Evaluate at most this many images.")
+def evaluate(build_dir, data, batch_size, limit):
+    """Top-1/top-5 of the dense model, the pruned model and the engine on labelled images."""
+    from mpdeploy.evaluate import evaluate_build, format_eval
+
+    report = evaluate_build(build_dir, data, batch_size=batch_size, limit=limit)
+    click.echo(format_eval(report))
+
+
+@cli.command()
+def doctor():
+    """What this machine can do: versions, CPU/GPU, CUDA, TensorRT and Triton."""
+    from mpdeploy.doctor import diagnose, format_diagnosis
+
+    click.echo(format_diagnosis(diagnose()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="mpdeploy", standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"mpdeploy: error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("mpdeploy: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        click.echo(f"mpdeploy: error: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("mpdeploy: interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The calibration batch: a fixed, seeded set of real images, preprocessed by the model's own timm config."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mpdeploy.errors import UserError
+from mpdeploy.fileio import atomic_path, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+CALIBRATION_JSON = "calibration.json"
+CALIBRATION_TENSORS = "calibration.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSet:
+    images: torch.Tensor  # (N, 3, H, W) float32, preprocessed
+    sources: list[str]
+    skipped: int
+    sha256: str
+    seed: int
+    origin: str  # "builtin:photos", "builtin:digits" or the folder
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "origin": self.origin,
+            "count": len(self),
+            "skipped": self.skipped,
+            "seed": self.seed,
+            "shape": list(self.images.shape),
+            "sha256": self.sha256,
+            "sources": self.sources,
+        }
+
+
+def builtin_photos() -> list[tuple[str, Path]]:
+    """Real photographs that ship inside our dependencies (scikit-learn, matplotlib)."""
+    import matplotlib
+    import sklearn
+
+    sk = Path(sklearn.__file__).parent / "datasets" / "images"
+    mpl = Path(matplotlib.get_data_path()) / "sample_data"
+    photos = [
+        ("sklearn:china.jpg", sk / "china.jpg"),
+        ("sklearn:flower.jpg", sk / "flower.jpg"),
+        ("matplotlib:grace_hopper.jpg", mpl / "grace_hopper.jpg"),
+    ]
+    return [(label, path) for label, path in photos if path.is_file()]
+
+
+def load_calibration(
+    source: str,
+    size: int,
+    data_config: dict[str, Any],
+    seed: int = 0,
+    model_name: str | None = None,
+) -> CalibrationSet:
+    """Load `size` calibration images from `source` ("builtin" or a folder), preprocessed."""
+    if size < 1:
+        raise UserError(f"--calib-size must be at least 1 (got {size})")
+    transform = eval_transform(data_config)
+    if source == "builtin":
+        from mpdeploy.models.demo import DEMO_MODEL
+
+        if model_name == DEMO_MODEL:
+            images, sources = _digits_images(size, seed)
+            origin = "builtin:digits"
+        else:
+            images, sources = _photo_crops(size, seed)
+            origin = "builtin:photos"
+        skipped = 0
+    else:
+        images, sources, skipped = _folder_images(Path(source), size, seed)
+        origin = str(Path(source).resolve())
+    batch = torch.stack([transform(img) for img in images]).float().contiguous()
+    digest = hashlib.sha256(batch.numpy().tobytes()).hexdigest()
+    return CalibrationSet(batch, sources, skipped, digest, seed, origin)
+
+
+def eval_transform(data_config: dict[str, Any]):
+    import timm
+
+    cfg = dict(data_config)
+    cfg["input_size"] = tuple(cfg["input_size"])
+    for key in ("mean", "std"):
+        cfg[key] = tuple(cfg[key])
+    return timm.data.create_transform(**cfg, is_training=False)
+
+
+def _digits_images(size: int, seed: int) -> tuple[list[Image.Image], list[str]]:
+    from mpdeploy.data.digits import digits_pil_images
+
+    pool = digits_pil_images("train")
+    order = np.random.default_rng(seed).permutation(len(pool))
+    chosen = [int(i) for i in order[: min(size, len(pool))]]
+    if size > len(pool):
+        log.warning("digits train split has %d images; calibrating on all of them", len(pool))
+    return [pool[i] for i in chosen], [f"digits:train[{i}]" for i in chosen]
+
+
+def _photo_crops(size: int, seed: int) -> tuple[list[Image.Image], list[str]]:
+    """Seeded random crops (25–100 % area, random flip) of the bundled photos."""
+    photos = [(label, Image.open(path).convert("RGB")) for label, path in builtin_photos()]
+    if not photos:
+        raise UserError("no builtin calibration photos found; pass --calib DIR")
+    rng = np.random.default_rng(seed)
+    images, sources = [], []
+    for i in range(size):
+        label, photo = photos[i % len(photos)]
+        w, h = photo.size
+        scale = rng.uniform(0.25, 1.0)
+        cw, ch = max(16, int(w * np.sqrt(scale))), max(16, int(h * np.sqrt(scale)))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = photo.crop((x, y, x + cw, y + ch))
+        flip = bool(rng.integers(0, 2))
+        if flip:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        images.append(crop)
+        sources.append(f"{label}#crop({x},{y},{cw},{ch}){'+flip' if flip else ''}")
+    return images, sources
+
+
+def find_images(folder: Path) -> list[Path]:
+    if not folder.exists():
+        raise UserError(f"calibration folder not found: {folder}")
+    if not folder.is_dir():
+        raise UserError(f"--calib must be a folder of images or 'builtin': {folder}")
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def _folder_images(folder: Path, size: int, seed: int) -> tuple[list[Image.Image], list[str], int]:
+    candidates = find_images(folder)
+    order = np.random.default_rng(seed).permutation(len(candidates))
+    images: list[Image.Image] = []
+    sources: list[str] = []
+    skipped = 0
+    for idx in order:
+        if len(images) == size:
+            break
+        path = candidates[int(idx)]
+        try:
+            with Image.open(path) as img:
+                images.append(img.convert("RGB"))
+        except (UnidentifiedImageError, OSError):
+            skipped += 1
+            continue
+        sources.append(str(path.relative_to(folder)))
+    if not images:
+        raise UserError(
+            f"no readable images in {folder} ({len(candidates)} image files, {skipped} unreadable)"
+        )
+    if skipped:
+        log.warning("skipped %d unreadable image(s) in %s", skipped, folder)
+    if len(images) < size:
+        log.warning("only %d readable images in %s (asked for %d)", len(images), folder, size)
+    return images, sources, skipped
+
+
+def save_calibration(calib: CalibrationSet, build_dir: Path) -> list[Path]:
+    from safetensors.torch import save_file
+
+    with atomic_path(build_dir / CALIBRATION_TENSORS) as tmp:
+        save_file({"images": calib.images}, str(tmp))
+    write_json(build_dir / CALIBRATION_JSON, calib.record())
+    return [build_dir / CALIBRATION_JSON, build_dir / CALIBRATION_TENSORS]
+
+
+def read_calibration(build_dir: Path) -> CalibrationSet:
+    from safetensors.torch import load_file
+
+    path = build_dir / CALIBRATION_JSON
+    if not path.is_file():
+        raise UserError(f"{build_dir} has no calibration (run the calibrate stage first)")
+    record = read_json(path)
+    images = load_file(str(build_dir / CALIBRATION_TENSORS))["images"]
+    return CalibrationSet(
+        images,
+        record["sources"],
+        record["skipped"],
+        record["sha256"],
+        record["seed"],
+        record["origin"],
+    )
+
+
+def batches(images: torch.Tensor, batch_size: int) -> Sequence[torch.Tensor]:
+    return [images[i : i + batch_size] for i in range(0, images.shape[0], batch_size)]

@@ -1,0 +1,604 @@
+"""build(): runs the stages in order over one build directory and keeps the manifest.
+
+resolve → calibrate → analyze → prune (+ sparsify, + recover) → export → engine → verify → bench
+→ package. Each stage reads what earlier stages wrote (from memory within one build, from the
+build directory when a stage is run on its own) and records itself in manifest.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mpdeploy.errors import ParityError, UserError
+from mpdeploy.fileio import atomic_dir, write_json
+from mpdeploy.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+SPARSITY_PATTERNS = ("off", "2:4", "4:8", "6:12", "8:16", "12:16")
+METHODS = ("mp", "magnitude", "random", "taylor")
+STAGES = (
+    "resolve",
+    "calibrate",
+    "analyze",
+    "prune",
+    "sparsify",
+    "recover",
+    "export",
+    "engine",
+    "verify",
+    "bench",
+    "package",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    model: str = "demo"
+    weights: str = "hub"
+    num_classes: int | None = None
+    img_size: int | None = None
+    target_macs: float = 0.0
+    sparsity: str = "off"
+    method: str = "mp"
+    round_to: int = 8
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    calib: str = "builtin"
+    calib_size: int = 256
+    recover_epochs: int = 0
+    train: str | None = None
+    max_batch: int = 64
+    bench_batches: tuple[int, ...] | None = None
+    bench_iterations: int = 30
+    exporter: str = "auto"
+    out: str | None = None
+    triton_repo: str | None = None
+    model_name: str | None = None  # Triton model name
+    force: bool = False
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        payload = dataclasses.asdict(self)
+        payload["bench_batches"] = list(self.bench_batches) if self.bench_batches else None
+        return payload
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> BuildOptions:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in payload.items() if k in known}
+        if values.get("bench_batches"):
+            values["bench_batches"] = tuple(values["bench_batches"])
+        return cls(**values)
+
+
+def validate_options(opts: BuildOptions) -> None:
+    """Reject bad input before any work is done (one line each)."""
+    if not 0.0 <= opts.target_macs <= 0.95:
+        raise UserError(f"--target-macs must be in [0, 0.95] (got {opts.target_macs})")
+    parse_sparsity(opts.sparsity)
+    if opts.method not in METHODS:
+        raise UserError(f"unknown --method '{opts.method}': choose one of {', '.join(METHODS)}")
+    if opts.precision not in ("fp32", "fp16"):
+        raise UserError(f"--precision must be fp32 or fp16 (got {opts.precision})")
+    if opts.max_batch < 1:
+        raise UserError(f"--max-batch must be at least 1 (got {opts.max_batch})")
+    if opts.calib_size < 1:
+        raise UserError(f"--calib-size must be at least 1 (got {opts.calib_size})")
+    if opts.recover_epochs < 0:
+        raise UserError("--recover-epochs must be ≥ 0")
+    if opts.recover_epochs and not opts.train:
+        raise UserError("--recover-epochs needs --train DIR (a labelled image folder, or 'demo')")
+    if opts.round_to < 1:
+        raise UserError("--round-to must be ≥ 1")
+    if opts.calib != "builtin" and not Path(opts.calib).is_dir():
+        raise UserError(f"calibration folder not found: {opts.calib}")
+    from mpdeploy.backends import get_backend
+
+    get_backend(opts.backend)  # TensorRT requested where it is missing fails here, before work
+
+
+def parse_sparsity(pattern: str | None) -> tuple[int, int] | None:
+    """'k:n' → (k, n) with 0 < k < n ≤ 16; 'off'/None → None."""
+    if pattern in (None, "", "off"):
+        return None
+    try:
+        k_text, n_text = str(pattern).split(":")
+        k, n = int(k_text), int(n_text)
+    except ValueError:
+        raise UserError(
+            f"--sparsity must look like k:n (e.g. 2:4) or 'off' (got {pattern})"
+        ) from None
+    if not 0 < k < n <= 16:
+        raise UserError(f"--sparsity {pattern}: need 0 < k < n ≤ 16")
+    return k, n
+
+
+def default_out_dir(opts: BuildOptions) -> Path:
+    from mpdeploy.models import short_name
+
+    parts = []
+    if opts.target_macs > 0:
+        parts.append(f"{opts.method}{round(opts.target_macs * 100)}")
+    if opts.sparsity != "off":
+        parts.append(opts.sparsity.replace(":", "of"))
+    parts.append("dense" if not parts else "")
+    parts = [p for p in parts if p] + [opts.backend, opts.precision]
+    return Path("engines") / f"{short_name(opts.model)}-{'-'.join(parts)}"
+
+
+@dataclasses.dataclass
+class BuildContext:
+    """One build directory plus what the stages have already computed in this process."""
+
+    build_dir: Path
+    options: BuildOptions
+    manifest: Manifest
+    progress: bool = True
+    cache: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def path(self, *parts: str) -> Path:
+        return self.build_dir.joinpath(*parts)
+
+    def dense(self):
+        if "dense" not in self.cache:
+            from mpdeploy.models.spec import load_model
+
+            self.cache["dense"] = load_model(self.path("dense"))
+        return self.cache["dense"]
+
+    def pruned(self):
+        if "pruned" not in self.cache:
+            from mpdeploy.models.spec import load_model
+
+            self.cache["pruned"] = load_model(self.path("pruned"))
+        return self.cache["pruned"]
+
+    def calibration(self):
+        if "calibration" not in self.cache:
+            from mpdeploy.data.calibration import read_calibration
+
+            self.cache["calibration"] = read_calibration(self.build_dir)
+        return self.cache["calibration"]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.manifest.model["input_shape"])
+
+
+@dataclasses.dataclass(frozen=True)
+class StageOutcome:
+    outputs: list[Path]
+    headline: dict[str, Any]
+    inputs: list[Path] = dataclasses.field(default_factory=list)
+    status: str = "done"
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+
+def stage_resolve(ctx: BuildContext) -> StageOutcome:
+    from mpdeploy.models import create_model
+    from mpdeploy.models.spec import save_model
+    from mpdeploy.prune.macs import count_macs
+
+    opts = ctx.options
+    loaded = create_model(opts.model, opts.weights, opts.num_classes, opts.img_size)
+    save_model(loaded.model, loaded.spec, ctx.path("dense"))
+    input_shape = tuple(int(v) for v in loaded.data_config["input_size"])
+    macs = count_macs(loaded.model, input_shape)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    ctx.manifest.payload["model"] = {
+        "requested": opts.model,
+        "timm_name": loaded.spec.timm_name,
+        "num_classes": loaded.spec.num_classes,
+        "img_size": loaded.spec.img_size,
+        "input_shape": list(input_shape),
+        "weights": loaded.weights_source,
+        "data_config": loaded.data_config,
+        "class_names": loaded.spec.class_names,
+    }
+    ctx.cache["dense"] = (loaded.model, loaded.spec)
+    ctx.cache["dense_macs"] = macs.total
+    return StageOutcome(
+        outputs=[ctx.path("dense", "model.json"), ctx.path("dense", "model.safetensors")],
+        headline={"dense_macs": macs.total, "dense_params": params},
+    )
+
+
+def stage_calibrate(ctx: BuildContext) -> StageOutcome:
+    from mpdeploy.data.calibration import load_calibration, save_calibration
+
+    opts = ctx.options
+    calib = load_calibration(
+        opts.calib,
+        opts.calib_size,
+        ctx.manifest.model["data_config"],
+        seed=opts.seed,
+        model_name=ctx.manifest.model["timm_name"],
+    )
+    ctx.cache["calibration"] = calib
+    outputs = save_calibration(calib, ctx.build_dir)
+    return StageOutcome(
+        outputs=outputs,
+        headline={"calibration_images": len(calib), "calibration_skipped": calib.skipped},
+    )
+
+
+def stage_analyze(ctx: BuildContext) -> StageOutcome:
+    from mpdeploy.spectrum import analyze_model, write_spectrum
+
+    model, _ = ctx.dense()
+    report = analyze_model(model, sparsity=max(ctx.options.target_macs, 0.0))
+    ctx.cache["spectrum"] = report
+    json_path, png_path = write_spectrum(report, ctx.build_dir)
+    return StageOutcome(
+        outputs=[json_path, png_path],
+        inputs=[ctx.path("dense", "model.safetensors")],
+        headline=report.headline(),
+    )
+
+
+def stage_prune(ctx: BuildContext) -> StageOutcome:
+    from mpdeploy.models.spec import save_model
+
+    opts = ctx.options
+    model, spec = ctx.dense()
+    if opts.target_macs <= 0:
+        import copy
+
+        pruned, pruned_spec = copy.deepcopy(model), spec
+        save_model(pruned, pruned_spec, ctx.path("pruned"))
+        ctx.cache["pruned"] = (pruned, pruned_spec)
+        dense_macs = ctx.cache.get("dense_macs") or ctx.manifest.payload["headline"]["dense_macs"]
+        return StageOutcome(
+            outputs=[ctx.path("pruned", "model.json"), ctx.path("pruned", "model.safetensors")],
+            headline={"pruned_macs": dense_macs, "mac_reduction": 0.0},
+            status="skipped (target 0: the dense model is deployed as it is)",
+        )
+    from mpdeploy.prune import PruneConfig, prune_model
+    from mpdeploy.spectrum import load_spectrum
+
+    spectrum = ctx.cache.get("spectrum") or load_spectrum(ctx.path("spectrum.json"))
+    result = prune_model(
+        model,
+        ctx.calibration().images,
+        spectrum,
+        PruneConfig(
+            target_macs=opts.target_macs,
+            method=opts.method,
+            round_to=opts.round_to,
+            seed=opts.seed,
+        ),
+        spec=spec,
+        input_shape=ctx.input_shape,
+    )
+    save_model(result.model, result.spec, ctx.path("pruned"))
+    write_json(ctx.path("plan.json"), result.plan)
+    ctx.cache["pruned"] = (result.model, result.spec)
+    return StageOutcome(
+        outputs=[
+            ctx.path("plan.json"),
+            ctx.path("pruned", "model.json"),
+            ctx.path("pruned", "model.safetensors"),
+        ],
+        inputs=[ctx.path("dense", "model.safetensors"), ctx.path("spectrum.json")],
+        headline=result.headline,
+    )
+
+
+def stage_sparsify(ctx: BuildContext) -> StageOutcome:
+    pattern = parse_sparsity(ctx.options.sparsity)
+    if pattern is None:
+        return StageOutcome(outputs=[], headline={}, status="skipped (--sparsity off)")
+    from mpdeploy.models.spec import save_model
+    from mpdeploy.prune.nm import SparsityConfig, sparsify
+
+    model, spec = ctx.pruned()
+    result = sparsify(
+        model,
+        ctx.calibration().images,
+        SparsityConfig(k=pattern[0], n=pattern[1], seed=ctx.options.seed),
+        input_shape=ctx.input_shape,
+    )
+    save_model(result.model, spec, ctx.path("pruned"))
+    result.save(ctx.build_dir)
+    ctx.cache["pruned"] = (result.model, spec)
+    return StageOutcome(
+        outputs=[ctx.path("sparsity.json"), ctx.path("pruned", "model.safetensors")],
+        headline=result.headline,
+    )
+
+
+def stage_recover(ctx: BuildContext) -> StageOutcome:
+    opts = ctx.options
+    if opts.recover_epochs <= 0:
+        return StageOutcome(outputs=[], headline={}, status="skipped (--recover-epochs 0)")
+    from mpdeploy.models.spec import save_model
+    from mpdeploy.prune.recover import RecoverConfig, recover
+
+    teacher, _ = ctx.dense()
+    student, spec = ctx.pruned()
+    result = recover(
+        student,
+        teacher,
+        opts.train,
+        ctx.manifest.model["data_config"],
+        RecoverConfig(epochs=opts.recover_epochs, seed=opts.seed),
+        sparsity=parse_sparsity(opts.sparsity),
+    )
+    save_model(result.model, spec, ctx.path("pruned"))
+    write_json(ctx.path("recover.json"), result.record)
+    ctx.cache["pruned"] = (result.model, spec)
+    return StageOutcome(
+        outputs=[ctx.path("recover.json"), ctx.path("pruned", "model.safetensors")],
+        headline=result.headline,
+    )
+
+
+def stage_export(ctx: BuildContext) -> StageOutcome:
+    from mpdeploy.export import export_onnx
+
+    model, _ = ctx.pruned()
+    record = export_onnx(
+        model, ctx.path("model.onnx"), ctx.input_shape, exporter=ctx.options.exporter
+    )
+    outputs = [ctx.path("model.onnx"), ctx.path("model.onnx.data")]
+    headline: dict[str, Any] = {"exporter": record.exporter, "onnx_bytes": record.size_bytes}
+    if ctx.options.precision == "fp16":
+        from mpdeploy.export.fp16 import convert_fp16
+
+        convert_fp16(ctx.path("model.onnx"), ctx.path("model.fp16.onnx"))
+        outputs.append(ctx.path("model.fp16.onnx"))
+    if parse_sparsity(ctx.options.sparsity):
+        from mpdeploy.prune.nm import confirm_with_polygraphy
+
+        headline.update(confirm_with_polygraphy(ctx.path("model.onnx"), ctx.build_dir))
+        outputs.append(ctx.path("sparsity.json"))
+    write_json(ctx.path("export.json"), dataclasses.asdict(record))
+    return StageOutcome(
+        outputs=outputs, headline=headline, inputs=[ctx.path("pruned", "model.safetensors")]
+    )
+
+
+def engine_options(opts: BuildOptions) -> Any:
+    from mpdeploy.backends import EngineOptions
+
+    return EngineOptions(
+        precision=opts.precision,
+        max_batch=opts.max_batch,
+        sparsity=opts.sparsity if opts.sparsity != "off" else None,
+    )
+
+
+def stage_engine(ctx: BuildContext) -> StageOutcome:
+    from mpdeploy.backends import get_backend
+
+    backend = get_backend(ctx.options.backend)
+    onnx_name = "model.fp16.onnx" if ctx.options.precision == "fp16" else "model.onnx"
+    record = backend.build(ctx.path(onnx_name), ctx.build_dir, engine_options(ctx.options))
+    ctx.cache["engine"] = record
+    headline = {
+        "backend": record.backend,
+        "precision": record.precision,
+        "engine_bytes": record.size_bytes,
+        "engine_build_seconds": record.build_seconds,
+    }
+    headline.update(record.details.get("headline", {}))
+    return StageOutcome(
+        outputs=[ctx.path("engine", "engine.json"), ctx.path(record.artifact)],
+        inputs=[ctx.path(onnx_name)],
+        headline=headline,
+    )
+
+
+def stage_verify(ctx: BuildContext) -> StageOutcome:
+    from mpdeploy.backends import get_backend, read_engine_record
+    from mpdeploy.verify.parity import require_pass, verify_engine
+
+    record = ctx.cache.get("engine") or read_engine_record(ctx.build_dir)
+    backend = get_backend(record.backend)
+    model, _ = ctx.pruned()
+    report = verify_engine(
+        model,
+        backend.runner(record, ctx.build_dir),
+        ctx.calibration().images,
+        ctx.build_dir,
+        backend=record.backend,
+        precision=record.precision,
+        artifact=record.artifact,
+        batch_size=min(16, record.max_batch),
+    )
+    headline = {
+        "parity": report.verdict,
+        "parity_max_abs_error": max(s["max_abs"] for s in report.outputs.values()),
+        "parity_top1_agreement": report.top1_agreement,
+        "parity_certified_fraction": report.certificate["certified_fraction"],
+    }
+    ctx.cache["failed_headline"] = headline
+    outputs = [
+        ctx.path("parity", n)
+        for n in ("inputs.json", "reference.json", "results.json", "report.json")
+    ]
+    require_pass(report)
+    return StageOutcome(outputs=outputs, headline=headline, inputs=[ctx.path(record.artifact)])
+
+
+def stage_bench(ctx: BuildContext) -> StageOutcome:
+    from mpdeploy.backends import read_engine_record
+    from mpdeploy.verify.bench import BenchOptions, bench_build
+
+    record = ctx.cache.get("engine") or read_engine_record(ctx.build_dir)
+    opts = ctx.options
+    report = bench_build(
+        ctx.build_dir,
+        dense_model=ctx.dense()[0],
+        engine=record,
+        options=BenchOptions(
+            batches=opts.bench_batches,
+            iterations=opts.bench_iterations,
+            max_batch=opts.max_batch,
+            exporter=opts.exporter,
+            same_model=opts.target_macs <= 0 and parse_sparsity(opts.sparsity) is None,
+        ),
+        engine_options=engine_options(opts),
+    )
+    return StageOutcome(
+        outputs=[ctx.path("bench.json"), ctx.path("bench.png")],
+        inputs=[ctx.path(record.artifact)],
+        headline=report.headline,
+    )
+
+
+def stage_package(ctx: BuildContext) -> StageOutcome:
+    from mpdeploy.serving import publish
+
+    published = publish(ctx.build_dir, ctx.path("model_repository"), name=ctx.options.model_name)
+    return StageOutcome(
+        outputs=[Path(p) for p in published.files],
+        headline={"triton_model": published.name, "triton_version": published.version},
+    )
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[BuildContext], StageOutcome]] = {
+    "resolve": stage_resolve,
+    "calibrate": stage_calibrate,
+    "analyze": stage_analyze,
+    "prune": stage_prune,
+    "sparsify": stage_sparsify,
+    "recover": stage_recover,
+    "export": stage_export,
+    "engine": stage_engine,
+    "verify": stage_verify,
+    "bench": stage_bench,
+    "package": stage_package,
+}
+
+
+def run_stage(ctx: BuildContext, name: str) -> StageOutcome:
+    start = time.perf_counter()
+    ctx.cache.pop("failed_headline", None)
+    try:
+        outcome = STAGE_FUNCTIONS[name](ctx)
+    except UserError:
+        ctx.manifest.record_stage(
+            name,
+            status="failed",
+            seconds=time.perf_counter() - start,
+            headline=ctx.cache.pop("failed_headline", None),
+        )
+        raise
+    ctx.manifest.record_stage(
+        name,
+        status=outcome.status,
+        seconds=time.perf_counter() - start,
+        inputs=outcome.inputs,
+        outputs=outcome.outputs,
+        headline=outcome.headline,
+    )
+    return outcome
+
+
+# --- orchestration ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildResult:
+    build_dir: Path
+    manifest: dict[str, Any]
+    published: str | None = None
+
+    @property
+    def headline(self) -> dict[str, Any]:
+        return self.manifest["headline"]
+
+
+def build(
+    opts: BuildOptions, *, progress: bool = True, stages: tuple[str, ...] = STAGES
+) -> BuildResult:
+    """Run every stage into a temporary directory; rename it to the build directory on success.
+
+    A parity failure keeps the evidence in `<out>.failed/`; any other error leaves nothing behind.
+    """
+    validate_options(opts)
+    out = Path(opts.out) if opts.out else default_out_dir(opts)
+    if out.exists() and not opts.force:
+        raise UserError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory")
+    _require_writable(out.parent)
+    if opts.triton_repo:
+        _require_writable_repo(Path(opts.triton_repo))
+
+    with atomic_dir(out, replace=opts.force) as tmp:
+        ctx = BuildContext(tmp, opts, Manifest.create(tmp, opts.to_dict()), progress=progress)
+        _run_all(ctx, stages)
+        manifest = ctx.manifest.payload
+    final_manifest = Manifest(out, manifest)
+    published = None
+    if opts.triton_repo:
+        from mpdeploy.serving import publish
+
+        result = publish(out, Path(opts.triton_repo), name=opts.model_name)
+        published = f"{result.name}/{result.version}"
+        final_manifest.payload["headline"]["published"] = str(Path(opts.triton_repo) / published)
+        final_manifest.save()
+    return BuildResult(out, final_manifest.payload, published)
+
+
+def _run_all(ctx: BuildContext, stages: tuple[str, ...]) -> None:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(stages, desc="mpdeploy build", unit="stage", disable=not ctx.progress, leave=False)
+    for name in bar:
+        bar.set_postfix_str(name)
+        try:
+            run_stage(ctx, name)
+        except ParityError as exc:
+            failed = ctx.build_dir.parent / f"{_final_name(ctx)}.failed"
+            shutil.rmtree(failed, ignore_errors=True)
+            shutil.copytree(ctx.build_dir, failed)
+            raise ParityError(f"{exc} (evidence kept in {failed})") from None
+    bar.close()
+
+
+def _final_name(ctx: BuildContext) -> str:
+    return Path(ctx.options.out).name if ctx.options.out else default_out_dir(ctx.options).name
+
+
+def run_stages_on(
+    build_dir: Path,
+    names: list[str],
+    overrides: dict[str, Any] | None = None,
+    *,
+    progress: bool = True,
+) -> Manifest:
+    """Re-run stages on an existing build directory (the one-stage CLI commands)."""
+    manifest = Manifest.load(build_dir)
+    options = BuildOptions.from_dict({**manifest.options, **(overrides or {})})
+    manifest.payload["options"] = options.to_dict()
+    ctx = BuildContext(Path(build_dir), options, manifest, progress=progress)
+    for name in names:
+        run_stage(ctx, name)
+    return manifest
+
+
+def _require_writable(directory: Path) -> None:
+    probe = directory
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise UserError(f"cannot write to {directory}")
+
+
+def _require_writable_repo(repo: Path) -> None:
+    if repo.exists() and not repo.is_dir():
+        raise UserError(f"--triton-repo {repo} is a file, not a directory")
+    _require_writable(repo)

@@ -1,0 +1,36 @@
+"""Channel groups: sets of channels inside a block that are removed, or permuted, together.
+
+An adapter (`prune/adapters/<family>.py`) lists a model's groups; criteria score them, the planner
+picks what to cut, surgery cuts it, and N:M permutation reorders channels inside them. A group's
+channels index dimension `dim` of every producer slice (the layers that write them, their biases
+and per-channel norms) and of every consumer slice (the weight that reads them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSlice:
+    """`name` is a key of model.state_dict(); channel c lives at index offset + c along `dim`."""
+
+    name: str
+    dim: int
+    offset: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelGroup:
+    name: str  # the block's module path, e.g. "blocks.3.mlp"
+    kind: str  # "attn_heads" | "mlp_hidden" | "conv_inner"
+    width: int  # channels now
+    unit: int  # channels removed together: head_dim for heads, 1 otherwise
+    producers: tuple[ParamSlice, ...]
+    consumers: tuple[ParamSlice, ...]
+    consumer_module: str  # module whose input (or input projection) carries these channels
+    min_units: int = 1  # never cut below this many units
+
+    @property
+    def units(self) -> int:
+        return self.width // self.unit

@@ -1,0 +1,80 @@
+"""The summary table printed at the end of `mpdeploy build` (every figure is from the manifest)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _giga(value: Any) -> str:
+    return f"{value / 1e9:.3f} G" if isinstance(value, (int, float)) else "–"
+
+
+def _mega(value: Any) -> str:
+    return f"{value / 1e6:.2f} M" if isinstance(value, (int, float)) else "–"
+
+
+def _pct(value: Any) -> str:
+    return f"{value:.2%}" if isinstance(value, (int, float)) else "–"
+
+
+def _num(value: Any, fmt: str = ".3g") -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) else "–"
+
+
+def summary_table(manifest: dict[str, Any], build_dir: Path) -> str:
+    head = manifest.get("headline", {})
+    model = manifest.get("model", {})
+    rows = [
+        ("model", model.get("timm_name", "–")),
+        ("weights", model.get("weights", "–")),
+        (
+            "dense MACs / params",
+            f"{_giga(head.get('dense_macs'))} / {_mega(head.get('dense_params'))}",
+        ),
+    ]
+    if head.get("mac_reduction"):
+        rows.append(
+            (
+                "pruned MACs / params",
+                f"{_giga(head.get('pruned_macs'))} / {_mega(head.get('pruned_params'))}",
+            )
+        )
+        rows.append(("MAC reduction", _pct(head.get("mac_reduction"))))
+    if head.get("sparsity_pattern"):
+        rows.append(
+            (
+                "N:M sparsity",
+                f"{head['sparsity_pattern']}: sparse-execution MACs "
+                f"{_giga(head.get('sparse_execution_macs'))}",
+            )
+        )
+    if "certified_fraction" in head:
+        rows.append(
+            (
+                "pruning certificate",
+                f"{_pct(head['certified_fraction'])} of calibration predictions provably unchanged",
+            )
+        )
+    rows += [
+        ("engine", f"{head.get('backend', '–')} {head.get('precision', '')}".strip()),
+        (
+            "parity",
+            f"{head.get('parity', '–')} (max abs error {_num(head.get('parity_max_abs_error'))}, "
+            f"top-1 agreement {_pct(head.get('parity_top1_agreement'))})",
+        ),
+    ]
+    if "speedup" in head:
+        rows.append(
+            (
+                "measured speedup",
+                str(head.get("speedup_summary") or _num(head["speedup"], ".2f") + "×"),
+            )
+        )
+    if head.get("triton_model"):
+        rows.append(("Triton model", f"{head['triton_model']} v{head.get('triton_version')}"))
+    if head.get("published"):
+        rows.append(("published to", head["published"]))
+    rows.append(("build directory", str(build_dir)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)

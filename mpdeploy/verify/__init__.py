@@ -1,0 +1,1 @@
+"""Evidence: numerical parity with Polygraphy, the margin certificate, the benchmark protocol."""

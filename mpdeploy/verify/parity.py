@@ -1,0 +1,172 @@
+"""Parity of an engine with its PyTorch model on the calibration inputs, through Polygraphy.
+
+Writes Polygraphy-native evidence so the check can be re-run independently:
+`polygraphy run model.onnx --onnxrt --load-inputs parity/inputs.json --load-outputs parity/reference.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mpdeploy.errors import ParityError
+from mpdeploy.export.onnx import INPUT_NAME, OUTPUT_NAME
+from mpdeploy.fileio import atomic_path, read_json, write_json
+from mpdeploy.verify.certificate import margin_certificate
+
+os.environ.setdefault("POLYGRAPHY_AUTOINSTALL_DEPS", "0")
+
+PARITY_DIR = "parity"
+# Elementwise: an output element fails only where BOTH its absolute and relative error exceed.
+# fp32: ONNX Runtime matches torch to ~3e-6 on ViT-B/ResNet50/ConvNeXt; 1e-4 leaves room for
+# reduction-order differences while still catching any real graph error.
+# fp16: half precision has a unit roundoff of ~1e-3 that accumulates through depth; 5e-2 on logits
+# with ≥ 99 % top-1 agreement is the usual bar for fp16 classifiers.
+TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"atol": 1e-4, "rtol": 1e-4, "min_top1_agreement": 0.99},
+    "fp16": {"atol": 5e-2, "rtol": 5e-2, "min_top1_agreement": 0.99},
+}
+MAX_PARITY_INPUT_BYTES = 64 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class ParityReport:
+    verdict: str  # "pass" | "fail"
+    backend: str
+    precision: str
+    artifact: str
+    samples: int
+    batch_size: int
+    tolerances: dict[str, float]
+    outputs: dict[str, dict[str, float]]
+    polygraphy_passed: bool
+    top1_agreement: float
+    certificate: dict[str, Any]
+    recheck_command: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
+
+def parity_feeds(images: torch.Tensor, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """Calibration images as Polygraphy feed dicts, capped so the saved JSON stays reasonable."""
+    per_image = images[0].numel() * 4
+    limit = max(1, min(images.shape[0], MAX_PARITY_INPUT_BYTES // per_image))
+    data = images[:limit].numpy().astype(np.float32)
+    return [{INPUT_NAME: data[i : i + batch_size]} for i in range(0, limit, batch_size)]
+
+
+def verify_engine(
+    model: torch.nn.Module,
+    engine_runner,
+    images: torch.Tensor,
+    build_dir: Path,
+    *,
+    backend: str,
+    precision: str,
+    artifact: str,
+    batch_size: int = 16,
+) -> ParityReport:
+    """Run reference and engine on the same inputs, compare, write parity/*.json, return the report."""
+    from polygraphy.comparator import Comparator, CompareFunc, RunResults
+    from polygraphy.json import save_json
+
+    from mpdeploy.backends.torch_runner import TorchRunner
+
+    out_dir = Path(build_dir) / PARITY_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    feeds = parity_feeds(images, batch_size)
+    tol = TOLERANCES[precision]
+
+    torch_runner = TorchRunner(model, tuple(images.shape[1:]), name="pytorch-reference")
+    reference = Comparator.run([torch_runner], data_loader=feeds)
+    results = Comparator.run([engine_runner], data_loader=feeds)
+
+    with atomic_path(out_dir / "inputs.json") as tmp:
+        save_json(feeds, str(tmp), description="parity inputs")
+    with atomic_path(out_dir / "reference.json") as tmp:
+        reference.save(str(tmp))
+    with atomic_path(out_dir / "results.json") as tmp:
+        results.save(str(tmp))
+
+    combined = RunResults()
+    for runner_name, iterations in list(reference.items()) + list(results.items()):
+        combined.append((runner_name, iterations))
+    accuracy = Comparator.compare_accuracy(
+        combined,
+        compare_func=CompareFunc.simple(
+            atol=tol["atol"], rtol=tol["rtol"], check_error_stat="elemwise"
+        ),
+    )
+    polygraphy_passed = bool(accuracy)
+
+    ref = _stack_outputs(reference)
+    got = _stack_outputs(results)
+    outputs = {name: _error_stats(ref[name], got[name]) for name in ref}
+    cert = margin_certificate(ref[OUTPUT_NAME], got[OUTPUT_NAME])
+    top1 = cert["top1_agreement"]
+    verdict = polygraphy_passed and top1 >= tol["min_top1_agreement"]
+    report = ParityReport(
+        verdict="pass" if verdict else "fail",
+        backend=backend,
+        precision=precision,
+        artifact=artifact,
+        samples=int(ref[OUTPUT_NAME].shape[0]),
+        batch_size=batch_size,
+        tolerances=tol,
+        outputs=outputs,
+        polygraphy_passed=polygraphy_passed,
+        top1_agreement=top1,
+        certificate=cert,
+        recheck_command=(
+            f"polygraphy run {artifact} --onnxrt --load-inputs parity/inputs.json "
+            f"--load-outputs parity/reference.json --atol {tol['atol']} --rtol {tol['rtol']}"
+        ),
+    )
+    write_json(out_dir / "report.json", report.to_dict())
+    return report
+
+
+def _stack_outputs(results) -> dict[str, np.ndarray]:
+    (_, iterations), *_ = list(results.items())
+    names = list(iterations[0].keys())
+    return {
+        n: np.concatenate([np.asarray(it[n], dtype=np.float64) for it in iterations]) for n in names
+    }
+
+
+def _error_stats(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    diff = np.abs(ref - got)
+    rel = diff / np.maximum(np.abs(ref), 1e-12)
+    cos = float((ref * got).sum() / max(np.linalg.norm(ref) * np.linalg.norm(got), 1e-30))
+    return {
+        "max_abs": float(diff.max()),
+        "mean_abs": float(diff.mean()),
+        "max_rel": float(rel.max()),
+        "median_rel": float(np.median(rel)),
+        "cosine_similarity": cos,
+    }
+
+
+def read_parity_report(build_dir: Path) -> dict[str, Any]:
+    return read_json(Path(build_dir) / PARITY_DIR / "report.json")
+
+
+def require_pass(report: ParityReport) -> None:
+    if not report.passed:
+        worst = max(report.outputs.values(), key=lambda s: s["max_abs"])
+        raise ParityError(
+            f"parity FAILED for {report.artifact} ({report.precision}): max abs error "
+            f"{worst['max_abs']:.3g} (atol {report.tolerances['atol']}, rtol "
+            f"{report.tolerances['rtol']}), top-1 agreement {report.top1_agreement:.2%}; "
+            "see parity/report.json"
+        )
