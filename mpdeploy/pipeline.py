@@ -193,7 +193,7 @@ def stage_resolve(ctx: BuildContext) -> StageOutcome:
     loaded = create_model(opts.model, opts.weights, opts.num_classes, opts.img_size)
     save_model(loaded.model, loaded.spec, ctx.path("dense"))
     input_shape = tuple(int(v) for v in loaded.data_config["input_size"])
-    macs = count_macs(loaded.model, input_shape)
+    macs = count_macs(loaded.model, (1, *input_shape))
     params = sum(p.numel() for p in loaded.model.parameters())
     ctx.manifest.payload["model"] = {
         "requested": opts.model,
@@ -206,10 +206,10 @@ def stage_resolve(ctx: BuildContext) -> StageOutcome:
         "class_names": loaded.spec.class_names,
     }
     ctx.cache["dense"] = (loaded.model, loaded.spec)
-    ctx.cache["dense_macs"] = macs.total
+    ctx.cache["dense_macs"] = macs.total_macs
     return StageOutcome(
         outputs=[ctx.path("dense", "model.json"), ctx.path("dense", "model.safetensors")],
-        headline={"dense_macs": macs.total, "dense_params": params},
+        headline={"dense_macs": macs.total_macs, "dense_params": params},
     )
 
 
@@ -556,17 +556,23 @@ def build(
 def _run_all(ctx: BuildContext, stages: tuple[str, ...]) -> None:
     from tqdm.auto import tqdm
 
-    bar = tqdm(stages, desc="mpdeploy build", unit="stage", disable=not ctx.progress, leave=False)
-    for name in bar:
-        bar.set_postfix_str(name)
-        try:
-            run_stage(ctx, name)
-        except ParityError as exc:
-            failed = ctx.build_dir.parent / f"{_final_name(ctx)}.failed"
-            shutil.rmtree(failed, ignore_errors=True)
-            shutil.copytree(ctx.build_dir, failed)
-            raise ParityError(f"{exc} (evidence kept in {failed})") from None
-    bar.close()
+    # disable=None: tqdm draws only on a terminal, so logs and captured stderr stay clean.
+    with tqdm(
+        stages,
+        desc="mpdeploy build",
+        unit="stage",
+        disable=None if ctx.progress else True,
+        leave=False,
+    ) as bar:
+        for name in bar:
+            bar.set_postfix_str(name)
+            try:
+                run_stage(ctx, name)
+            except ParityError as exc:
+                failed = ctx.build_dir.parent / f"{_final_name(ctx)}.failed"
+                shutil.rmtree(failed, ignore_errors=True)
+                shutil.copytree(ctx.build_dir, failed)
+                raise ParityError(f"{exc} (evidence kept in {failed})") from None
 
 
 def _final_name(ctx: BuildContext) -> str:

@@ -134,10 +134,10 @@ def _from_file(timm_name: str, path: Path, num_classes: int | None, img_size: in
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """Read a state dict from .safetensors or a torch file (weights_only); unwrap common nesting."""
-    if not path.is_file():
-        raise UserError(f"weights file not found: {path}")
     if path.suffix not in WEIGHT_SUFFIXES:
         raise UserError(f"unsupported weights file {path.name}: use {', '.join(WEIGHT_SUFFIXES)}")
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

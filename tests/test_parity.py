@@ -1,0 +1,92 @@
+"""Parity through Polygraphy: a faithful engine passes, a perturbed one fails, the CLI re-checks."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from mpdeploy.backends import EngineOptions, get_backend
+from mpdeploy.data.calibration import load_calibration
+from mpdeploy.errors import ParityError
+from mpdeploy.export import export_onnx
+from mpdeploy.models import create_model
+from mpdeploy.verify.certificate import margin_certificate, top1_margin
+from mpdeploy.verify.parity import require_pass, verify_engine
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    build = tmp_path_factory.mktemp("parity")
+    loaded = create_model("test_vit", weights="none")
+    export_onnx(loaded.model, build / "model.onnx", tuple(loaded.data_config["input_size"]))
+    calib = load_calibration("builtin", 24, loaded.data_config)
+    return loaded, build, calib
+
+
+def _verify(loaded, build, calib):
+    backend = get_backend("onnxruntime")
+    record = backend.build(build / "model.onnx", build, EngineOptions(max_batch=8))
+    return verify_engine(
+        loaded.model,
+        backend.runner(record, build),
+        calib.images,
+        build,
+        backend="onnxruntime",
+        precision="fp32",
+        artifact="model.onnx",
+        batch_size=8,
+    )
+
+
+def test_faithful_engine_passes_and_polygraphy_cli_agrees(exported):
+    loaded, build, calib = exported
+    report = _verify(loaded, build, calib)
+    assert report.verdict == "pass" and report.polygraphy_passed
+    assert report.samples == 24 and report.top1_agreement == 1.0
+    assert report.outputs["logits"]["max_abs"] < 1e-4
+    for name in ("inputs.json", "reference.json", "results.json", "report.json"):
+        assert (build / "parity" / name).is_file()
+    # The independent re-check, with Polygraphy's own (stricter) default tolerances.
+    polygraphy = str(Path(sys.executable).with_name("polygraphy"))
+    cmd = [
+        polygraphy,
+        "run",
+        "model.onnx",
+        "--onnxrt",
+        "--load-inputs",
+        "parity/inputs.json",
+        "--load-outputs",
+        "parity/reference.json",
+    ]
+    done = subprocess.run(cmd, cwd=build, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "PASSED" in done.stdout + done.stderr
+
+
+def test_perturbed_engine_fails(exported, tmp_path):
+    loaded, build, calib = exported
+    proto = onnx.load(str(build / "model.onnx"))
+    for tensor in proto.graph.initializer:  # every weight matrix 1 % off: a subtle graph bug
+        array = numpy_helper.to_array(tensor)
+        if array.ndim == 2 and array.dtype == np.float32:
+            tensor.CopyFrom(numpy_helper.from_array(array * np.float32(1.01), tensor.name))
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    report = _verify(loaded, tmp_path, calib)
+    assert report.verdict == "fail" and not report.polygraphy_passed
+    with pytest.raises(ParityError, match="parity FAILED"):
+        require_pass(report)
+
+
+def test_margin_certificate():
+    ref = np.array([[5.0, 1.0, 0.0], [1.0, 1.2, 0.0], [0.0, 0.0, 3.0]])
+    np.testing.assert_allclose(top1_margin(ref), [4.0, 0.2, 3.0])
+    perturbed = ref + np.array([[1.9, 0, 0], [0.3, 0, 0], [0, 0, -1.6]])
+    cert = margin_certificate(ref, perturbed)
+    # Sample 0: margin 4 > 2·1.9 certified; 1: 0.2 < 0.6 flips; 2: margin 3 < 3.2 not certified.
+    assert cert["certified_fraction"] == pytest.approx(1 / 3)
+    assert cert["top1_agreement"] == pytest.approx(2 / 3)
+    assert cert["max_logit_perturbation"] == pytest.approx(1.9)
