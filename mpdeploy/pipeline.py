@@ -242,8 +242,19 @@ def stage_analyze(ctx: BuildContext) -> StageOutcome:
     return StageOutcome(
         outputs=[json_path, png_path],
         inputs=[ctx.path("dense", "model.safetensors")],
-        headline=report.headline(),
+        headline=spectrum_headline(report),
     )
+
+
+def spectrum_headline(report) -> dict[str, Any]:
+    fits = [layer.fit for layer in report.layers]
+    worst = max(report.layers, key=lambda layer: layer.fit.fit_error)
+    return {
+        "spectrum_layers": len(fits),
+        "spectrum_spikes": sum(f.spike_count for f in fits),
+        "spectrum_mean_bulk_fraction": sum(f.bulk_fraction for f in fits) / len(fits),
+        "spectrum_worst_fit": {"layer": worst.name, "fit_error": worst.fit.fit_error},
+    }
 
 
 def stage_prune(ctx: BuildContext) -> StageOutcome:
@@ -461,8 +472,12 @@ def stage_package(ctx: BuildContext) -> StageOutcome:
     from mpdeploy.serving import publish
 
     published = publish(ctx.build_dir, ctx.path("model_repository"), name=ctx.options.model_name)
+    files = [
+        published.config_path,
+        *sorted(p for p in published.version_dir.rglob("*") if p.is_file()),
+    ]
     return StageOutcome(
-        outputs=[Path(p) for p in published.files],
+        outputs=files,
         headline={"triton_model": published.name, "triton_version": published.version},
     )
 

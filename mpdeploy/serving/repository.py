@@ -183,6 +183,12 @@ def _require_parity_pass(path: Path) -> None:
         raise ParityError(
             f"{path}: parity verdict is {verdict!r}; only a build that passed verify is published"
         )
+    expected = report.get("artifact_sha256")
+    artifact = path / str(report.get("artifact", ""))
+    if expected and artifact.is_file() and sha256_file(artifact) != expected:
+        raise ParityError(
+            f"{artifact}: changed since verify checked it; run `mpdeploy verify --force` first"
+        )
 
 
 def _read_record(path: Path, hint: str) -> dict:

@@ -6,6 +6,7 @@ Writes Polygraphy-native evidence so the check can be re-run independently:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from mpdeploy.errors import ParityError
 from mpdeploy.export.onnx import INPUT_NAME, OUTPUT_NAME
-from mpdeploy.fileio import atomic_path, read_json, write_json
+from mpdeploy.fileio import atomic_path, read_json, sha256_file, write_json
 from mpdeploy.verify.certificate import margin_certificate
 
 os.environ.setdefault("POLYGRAPHY_AUTOINSTALL_DEPS", "0")
@@ -40,6 +41,7 @@ class ParityReport:
     backend: str
     precision: str
     artifact: str
+    artifact_sha256: str  # the verdict belongs to exactly this file
     samples: int
     batch_size: int
     tolerances: dict[str, float]
@@ -88,25 +90,28 @@ def verify_engine(
     tol = TOLERANCES[precision]
 
     torch_runner = TorchRunner(model, tuple(images.shape[1:]), name="pytorch-reference")
-    reference = Comparator.run([torch_runner], data_loader=feeds)
-    results = Comparator.run([engine_runner], data_loader=feeds)
+    with quiet_polygraphy():
+        reference = Comparator.run([torch_runner], data_loader=feeds)
+        results = Comparator.run([engine_runner], data_loader=feeds)
 
-    with atomic_path(out_dir / "inputs.json") as tmp:
-        save_json(feeds, str(tmp), description="parity inputs")
-    with atomic_path(out_dir / "reference.json") as tmp:
-        reference.save(str(tmp))
-    with atomic_path(out_dir / "results.json") as tmp:
-        results.save(str(tmp))
+    with quiet_polygraphy():
+        with atomic_path(out_dir / "inputs.json") as tmp:
+            save_json(feeds, str(tmp), description="parity inputs")
+        with atomic_path(out_dir / "reference.json") as tmp:
+            reference.save(str(tmp))
+        with atomic_path(out_dir / "results.json") as tmp:
+            results.save(str(tmp))
 
     combined = RunResults()
     for runner_name, iterations in list(reference.items()) + list(results.items()):
         combined.append((runner_name, iterations))
-    accuracy = Comparator.compare_accuracy(
-        combined,
-        compare_func=CompareFunc.simple(
-            atol=tol["atol"], rtol=tol["rtol"], check_error_stat="elemwise"
-        ),
-    )
+    with quiet_polygraphy():
+        accuracy = Comparator.compare_accuracy(
+            combined,
+            compare_func=CompareFunc.simple(
+                atol=tol["atol"], rtol=tol["rtol"], check_error_stat="elemwise"
+            ),
+        )
     polygraphy_passed = bool(accuracy)
 
     ref = _stack_outputs(reference)
@@ -120,6 +125,7 @@ def verify_engine(
         backend=backend,
         precision=precision,
         artifact=artifact,
+        artifact_sha256=sha256_file(Path(build_dir) / artifact),
         samples=int(ref[OUTPUT_NAME].shape[0]),
         batch_size=batch_size,
         tolerances=tol,
@@ -134,6 +140,20 @@ def verify_engine(
     )
     write_json(out_dir / "report.json", report.to_dict())
     return report
+
+
+@contextlib.contextmanager
+def quiet_polygraphy():
+    """Polygraphy logs every comparison at INFO; our report carries the figures instead."""
+    from polygraphy.logger import G_LOGGER
+
+    previous = G_LOGGER.module_severity
+    G_LOGGER.module_severity = G_LOGGER.WARNING
+    G_LOGGER.colors = False  # otherwise it warns that the optional 'colored' module is missing
+    try:
+        yield
+    finally:
+        G_LOGGER.module_severity = previous
 
 
 def _stack_outputs(results) -> dict[str, np.ndarray]:

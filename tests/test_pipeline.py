@@ -1,0 +1,121 @@
+"""End to end: `mpdeploy build` produces a complete, parity-checked build directory."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mpdeploy.cli import main
+from mpdeploy.pipeline import BuildOptions, build
+
+EXPECTED_FILES = [
+    "manifest.json", "calibration.json", "calibration.safetensors", "dense/model.json",
+    "dense/model.safetensors", "spectrum.json", "spectrum.png", "pruned/model.json",
+    "pruned/model.safetensors", "model.onnx", "engine/engine.json", "parity/inputs.json",
+    "parity/reference.json", "parity/results.json", "parity/report.json", "bench.json", "bench.png",
+]
+FAST_BENCH = ("--bench-batch", "1", "--bench-batch", "4", "--bench-iterations", "30")
+
+
+def polygraphy_recheck(build_dir: Path) -> subprocess.CompletedProcess:
+    polygraphy = str(Path(sys.executable).with_name("polygraphy"))
+    return subprocess.run(
+        [polygraphy, "run", "model.onnx", "--onnxrt", "--load-inputs", "parity/inputs.json",
+         "--load-outputs", "parity/reference.json"],
+        cwd=build_dir, capture_output=True, text=True, timeout=300,
+    )
+
+
+def assert_complete(build_dir: Path) -> dict:
+    for name in EXPECTED_FILES:
+        assert (build_dir / name).is_file(), name
+    manifest = json.loads((build_dir / "manifest.json").read_text())
+    for stage in ("resolve", "calibrate", "analyze", "prune", "export", "engine", "verify",
+                  "bench", "package"):
+        assert manifest["stages"][stage]["status"] in ("done",) or manifest["stages"][stage][
+            "status"
+        ].startswith("skipped"), stage
+    assert manifest["stages"]["verify"]["status"] == "done"
+    # Hashes recorded for what each stage wrote really are those files' hashes.
+    from mpdeploy.fileio import sha256_file
+
+    for rel, digest in manifest["stages"]["export"]["outputs"].items():
+        assert sha256_file(build_dir / rel) == digest
+    report = json.loads((build_dir / "parity" / "report.json").read_text())
+    assert report["verdict"] == "pass" and report["top1_agreement"] >= 0.99
+    recheck = polygraphy_recheck(build_dir)
+    assert recheck.returncode == 0, recheck.stdout[-3000:] + recheck.stderr[-3000:]
+    assert not list(build_dir.parent.glob(".*partial"))
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def demo_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "build"
+    result = build(BuildOptions(out=str(out), bench_batches=(1, 8)), progress=False)
+    return result
+
+
+def test_demo_build_is_complete(demo_build):
+    manifest = assert_complete(demo_build.build_dir)
+    head = manifest["headline"]
+    assert manifest["model"]["timm_name"] == "mpdeploy_demo_vit"
+    assert manifest["model"]["weights"] == "bundled"
+    assert head["dense_macs"] > 0 and head["mac_reduction"] == 0.0
+    assert manifest["environment"]["versions"]["torch"]
+    assert (demo_build.build_dir / "model_repository").is_dir()
+
+
+def test_demo_eval_on_held_out_split(demo_build, capsys):
+    assert main(["eval", "--build", str(demo_build.build_dir), "--data", "demo"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((demo_build.build_dir / "eval.json").read_text())
+    assert report["images"] == 360
+    top1 = {k: v["top1"] for k, v in report["results"].items()}
+    # Unpruned: all three are the same function, so identical accuracy, and the demo is trained.
+    assert top1["dense"] == top1["pruned"] == top1["engine"] >= 0.9
+    assert "engine" in out
+
+
+def test_eval_on_an_image_folder_matches_demo_split(demo_build, tmp_path):
+    from mpdeploy.data.digits import write_image_folder
+    from mpdeploy.evaluate import evaluate_build
+
+    write_image_folder("test", tmp_path / "digits")
+    (tmp_path / "digits" / "3" / "broken.png").write_bytes(b"nope")
+    folder = evaluate_build(demo_build.build_dir, str(tmp_path / "digits"))
+    demo = evaluate_build(demo_build.build_dir, "demo")
+    assert folder["unreadable"] == 1 and folder["images"] == demo["images"]
+    assert folder["results"]["engine"]["top1"] == pytest.approx(demo["results"]["engine"]["top1"], abs=0.01)
+
+
+def test_stage_commands_need_force_to_redo(demo_build, capsys):
+    build_dir = str(demo_build.build_dir)
+    assert main(["verify", "--build", build_dir]) != 0
+    assert "pass --force" in capsys.readouterr().err
+    assert main(["verify", "--build", build_dir, "--force"]) == 0
+
+
+@pytest.mark.parametrize("model", ["test_vit", "test_resnet"])
+def test_random_weight_builds_via_cli(in_tmp, capsys, model):
+    code = main(["build", "--model", model, "--weights", "none", "--calib-size", "32",
+                 "--out", "b", *FAST_BENCH])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "parity" in out and "pass" in out
+    assert_complete(in_tmp / "b")
+
+
+def test_parity_failure_exits_3_and_keeps_evidence(in_tmp, capsys, monkeypatch):
+    from mpdeploy.verify import parity
+
+    monkeypatch.setitem(parity.TOLERANCES, "fp32", {"atol": 0.0, "rtol": 0.0, "min_top1_agreement": 1.0})
+    code = main(["build", "--model", "test_resnet", "--weights", "none", "--calib-size", "8",
+                 "--out", "b", *FAST_BENCH])
+    err = capsys.readouterr().err
+    assert code == 3 and "parity FAILED" in err and "Traceback" not in err
+    assert not (in_tmp / "b").exists()
+    report = json.loads((in_tmp / "b.failed" / "parity" / "report.json").read_text())
+    assert report["verdict"] == "fail"
