@@ -337,13 +337,20 @@ def stage_recover(ctx: BuildContext) -> StageOutcome:
 
     teacher, _ = ctx.dense()
     student, spec = ctx.pruned()
+    sparsity = parse_sparsity(opts.sparsity)
+    masks = None
+    if sparsity:  # N:M masks must survive fine-tuning: re-applied after every optimiser step
+        from mpdeploy.prune.nm import load_masks
+
+        masks = load_masks(ctx.build_dir)
     result = recover(
         student,
         teacher,
         opts.train,
         ctx.manifest.model["data_config"],
         RecoverConfig(epochs=opts.recover_epochs, seed=opts.seed),
-        sparsity=parse_sparsity(opts.sparsity),
+        sparsity=sparsity,
+        masks=masks,
     )
     save_model(result.model, spec, ctx.path("pruned"))
     write_json(ctx.path("recover.json"), result.record)

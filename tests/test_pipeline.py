@@ -11,10 +11,23 @@ from mpdeploy.cli import main
 from mpdeploy.pipeline import BuildOptions, build
 
 EXPECTED_FILES = [
-    "manifest.json", "calibration.json", "calibration.safetensors", "dense/model.json",
-    "dense/model.safetensors", "spectrum.json", "spectrum.png", "pruned/model.json",
-    "pruned/model.safetensors", "model.onnx", "engine/engine.json", "parity/inputs.json",
-    "parity/reference.json", "parity/results.json", "parity/report.json", "bench.json", "bench.png",
+    "manifest.json",
+    "calibration.json",
+    "calibration.safetensors",
+    "dense/model.json",
+    "dense/model.safetensors",
+    "spectrum.json",
+    "spectrum.png",
+    "pruned/model.json",
+    "pruned/model.safetensors",
+    "model.onnx",
+    "engine/engine.json",
+    "parity/inputs.json",
+    "parity/reference.json",
+    "parity/results.json",
+    "parity/report.json",
+    "bench.json",
+    "bench.png",
 ]
 FAST_BENCH = ("--bench-batch", "1", "--bench-batch", "4", "--bench-iterations", "30")
 
@@ -22,9 +35,20 @@ FAST_BENCH = ("--bench-batch", "1", "--bench-batch", "4", "--bench-iterations", 
 def polygraphy_recheck(build_dir: Path) -> subprocess.CompletedProcess:
     polygraphy = str(Path(sys.executable).with_name("polygraphy"))
     return subprocess.run(
-        [polygraphy, "run", "model.onnx", "--onnxrt", "--load-inputs", "parity/inputs.json",
-         "--load-outputs", "parity/reference.json"],
-        cwd=build_dir, capture_output=True, text=True, timeout=300,
+        [
+            polygraphy,
+            "run",
+            "model.onnx",
+            "--onnxrt",
+            "--load-inputs",
+            "parity/inputs.json",
+            "--load-outputs",
+            "parity/reference.json",
+        ],
+        cwd=build_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -32,8 +56,17 @@ def assert_complete(build_dir: Path) -> dict:
     for name in EXPECTED_FILES:
         assert (build_dir / name).is_file(), name
     manifest = json.loads((build_dir / "manifest.json").read_text())
-    for stage in ("resolve", "calibrate", "analyze", "prune", "export", "engine", "verify",
-                  "bench", "package"):
+    for stage in (
+        "resolve",
+        "calibrate",
+        "analyze",
+        "prune",
+        "export",
+        "engine",
+        "verify",
+        "bench",
+        "package",
+    ):
         assert manifest["stages"][stage]["status"] in ("done",) or manifest["stages"][stage][
             "status"
         ].startswith("skipped"), stage
@@ -88,7 +121,9 @@ def test_eval_on_an_image_folder_matches_demo_split(demo_build, tmp_path):
     folder = evaluate_build(demo_build.build_dir, str(tmp_path / "digits"))
     demo = evaluate_build(demo_build.build_dir, "demo")
     assert folder["unreadable"] == 1 and folder["images"] == demo["images"]
-    assert folder["results"]["engine"]["top1"] == pytest.approx(demo["results"]["engine"]["top1"], abs=0.01)
+    assert folder["results"]["engine"]["top1"] == pytest.approx(
+        demo["results"]["engine"]["top1"], abs=0.01
+    )
 
 
 def test_stage_commands_need_force_to_redo(demo_build, capsys):
@@ -100,8 +135,20 @@ def test_stage_commands_need_force_to_redo(demo_build, capsys):
 
 @pytest.mark.parametrize("model", ["test_vit", "test_resnet"])
 def test_random_weight_builds_via_cli(in_tmp, capsys, model):
-    code = main(["build", "--model", model, "--weights", "none", "--calib-size", "32",
-                 "--out", "b", *FAST_BENCH])
+    code = main(
+        [
+            "build",
+            "--model",
+            model,
+            "--weights",
+            "none",
+            "--calib-size",
+            "32",
+            "--out",
+            "b",
+            *FAST_BENCH,
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "parity" in out and "pass" in out
@@ -111,11 +158,50 @@ def test_random_weight_builds_via_cli(in_tmp, capsys, model):
 def test_parity_failure_exits_3_and_keeps_evidence(in_tmp, capsys, monkeypatch):
     from mpdeploy.verify import parity
 
-    monkeypatch.setitem(parity.TOLERANCES, "fp32", {"atol": 0.0, "rtol": 0.0, "min_top1_agreement": 1.0})
-    code = main(["build", "--model", "test_resnet", "--weights", "none", "--calib-size", "8",
-                 "--out", "b", *FAST_BENCH])
+    monkeypatch.setitem(
+        parity.TOLERANCES, "fp32", {"atol": 0.0, "rtol": 0.0, "min_top1_agreement": 1.0}
+    )
+    code = main(
+        [
+            "build",
+            "--model",
+            "test_resnet",
+            "--weights",
+            "none",
+            "--calib-size",
+            "8",
+            "--out",
+            "b",
+            *FAST_BENCH,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 3 and "parity FAILED" in err and "Traceback" not in err
     assert not (in_tmp / "b").exists()
     report = json.loads((in_tmp / "b.failed" / "parity" / "report.json").read_text())
     assert report["verdict"] == "fail"
+
+
+def test_package_cli_publishes_new_versions_and_checks(demo_build, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    build_dir = str(demo_build.build_dir)
+    assert main(["package", "--build", build_dir, "--triton-repo", str(repo)]) == 0
+    assert main(["package", "--build", build_dir, "--triton-repo", str(repo)]) == 0
+    out = capsys.readouterr().out
+    assert "version 1" in out and "version 2" in out
+    model_dir = next(p for p in repo.iterdir() if p.is_dir())
+    assert sorted(p.name for p in model_dir.iterdir() if p.name.isdigit()) == ["1", "2"]
+    assert main(["package", "--check", str(repo)]) == 0
+    (model_dir / "config.pbtxt").write_text("name: 'x'\nmax_batch_size: banana\n")
+    assert main(["package", "--check", str(repo)]) != 0
+    assert "problem" in capsys.readouterr().err
+
+
+def test_spectrum_cli(in_tmp, capsys):
+    assert main(["spectrum", "--model", "test_resnet", "--weights", "none"]) == 0
+    out = capsys.readouterr().out
+    spectrum = json.loads(
+        (in_tmp / "engines" / "test_resnet-spectrum" / "spectrum.json").read_text()
+    )
+    assert "layers" in out and len(spectrum["layers"]) > 5
+    assert (in_tmp / "engines" / "test_resnet-spectrum" / "spectrum.png").stat().st_size > 10_000
