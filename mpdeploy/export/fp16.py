@@ -1,0 +1,159 @@
+"""The fp16 ONNX variant: fp16 weights and activations, overflow-prone ops kept in fp32.
+
+TensorRT 11 builds only strongly typed networks, so the precision of an "fp16 engine" comes from
+the ONNX tensor types. Norms, softmax and the reduce/pow/sqrt/div chains of decomposed norms (and
+ConvNeXtV2's GRN) are where fp16 overflows (TensorRT #2709, #2564, #3101, #4493), so they stay in
+fp32 with casts around them; the graph input and output stay float32 so Triton and clients see
+the same signature as the fp32 model.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from mpdeploy.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Ops that run in fp32 inside the fp16 graph. Each one either accumulates squares or sums over a
+# whole axis (norms, GRN, pooling means), exponentiates (softmax, Exp) or divides by a quantity
+# that can underflow in fp16 (Div, Reciprocal, Sqrt of a variance).
+FP32_OPS: tuple[str, ...] = (
+    "LayerNormalization",
+    "GroupNormalization",
+    "InstanceNormalization",
+    "RMSNormalization",
+    "Softmax",
+    "LogSoftmax",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceSumSquare",
+    "ReduceL2",
+    "ReduceL1",
+    "ReduceLogSumExp",
+    "Pow",
+    "Sqrt",
+    "Reciprocal",
+    "Div",
+    "Exp",
+    "Log",
+)
+# Gelu/Erf/Tanh are bounded and run in fp16: on test_vit, test_convnext and the demo model keeping
+# them fp32 changed the worst logit error by less than the fp16 roundoff (see tests/test_fp16.py).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def convert_fp16(onnx_path: str | Path, out_path: str | Path) -> Path:
+    """Write the mixed-precision fp16 twin of `onnx_path` to `out_path` atomically; return it."""
+    import onnx
+
+    onnx_path, out_path = Path(onnx_path), Path(out_path)
+    if not onnx_path.is_file():
+        raise UserError(f"cannot convert to fp16: {onnx_path} does not exist")
+    model = onnx.load(str(onnx_path), load_external_data=True)
+    converted = convert_model_fp16(model)
+    _save_atomically(converted, out_path)
+    return out_path
+
+
+def convert_model_fp16(model, fp32_ops: tuple[str, ...] = FP32_OPS):
+    """The in-memory conversion: ModelProto → ModelProto (fp32 io, `fp32_ops` kept in fp32)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    converted = convert_float_to_float16(
+        model,
+        keep_io_types=True,
+        op_block_list=list(fp32_ops),
+        # Weights are clamped to the finite fp16 range and tiny ones to the smallest subnormal.
+        min_positive_val=5.96e-08,
+        max_finite_val=65504.0,
+    )
+    # The converter appends its boundary casts after the nodes that read them; ONNX (and the
+    # TensorRT parser) require topological order.
+    _toposort(converted.graph)
+    return converted
+
+
+def precision_summary(model) -> dict[str, dict[str, int]]:
+    """How many nodes of each op type compute in fp16 vs fp32 (by their first float input)."""
+    from onnx import TensorProto
+
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in model.graph.value_info}
+    types.update({i.name: i.type.tensor_type.elem_type for i in model.graph.input})
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    summary: dict[str, collections.Counter] = {
+        "fp16": collections.Counter(),
+        "fp32": collections.Counter(),
+    }
+    for node in model.graph.node:
+        if node.op_type == "Cast":
+            continue
+        elem = next((types[i] for i in node.input if types.get(i) in (1, 10)), None)
+        if elem == TensorProto.FLOAT16:
+            summary["fp16"][node.op_type] += 1
+        elif elem == TensorProto.FLOAT:
+            summary["fp32"][node.op_type] += 1
+    return {k: dict(sorted(v.items())) for k, v in summary.items()}
+
+
+def _toposort(graph) -> None:
+    """Reorder `graph.node` in place so every node comes after the producers of its inputs."""
+    produced_by = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    nodes = list(graph.node)
+    state = [0] * len(nodes)  # 0 new, 1 on the stack, 2 placed
+    order: list[int] = []
+    for root in range(len(nodes)):
+        if state[root]:
+            continue
+        stack = [(root, iter(nodes[root].input))]
+        while stack:
+            index, pending = stack[-1]
+            state[index] = 1
+            for name in pending:
+                producer = produced_by.get(name)
+                if producer is not None and state[producer] == 0:
+                    stack.append((producer, iter(nodes[producer].input)))
+                    break
+            else:
+                stack.pop()
+                state[index] = 2
+                order.append(index)
+    if order != list(range(len(nodes))):
+        del graph.node[:]
+        graph.node.extend(nodes[i] for i in order)
+
+
+def _save_atomically(model, out_path: Path) -> None:
+    import onnx
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".fp16-") as tmp:
+        staged = Path(tmp) / out_path.name
+        if external:
+            onnx.save_model(
+                model,
+                str(staged),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=staged.name + ".data",
+                size_threshold=1024,
+            )
+        else:
+            onnx.save_model(model, str(staged))
+        try:
+            onnx.checker.check_model(str(staged), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            first = (str(exc).strip().splitlines() or ["invalid model"])[0][:200]
+            raise UserError(f"fp16 ONNX failed onnx.checker: {first}") from None
+        # The .data file first, so a reader never sees a model whose weights are missing.
+        target_data = out_path.with_name(out_path.name + ".data")
+        if external:
+            shutil.move(str(staged.with_name(staged.name + ".data")), str(target_data))
+        elif target_data.exists():
+            target_data.unlink()
+        shutil.move(str(staged), str(out_path))

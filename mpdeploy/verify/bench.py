@@ -1,0 +1,452 @@
+"""The speed benchmark: dense vs pruned on the same backend, in one process, interleaved.
+
+Protocol (docs/benchmarks.md): both engines are built by the same backend with the same options
+(the dense one from the dense model, without sparsity), both are timed through the Polygraphy
+runners that verify parity, warm-up runs first, then every timed iteration runs dense and pruned
+back to back (alternating which goes first) so drift in clocks, caches or other load hits both
+alike; median and p90 latency and throughput per batch size. A MAC ratio is reported next to the
+measured speedup as the physical limit of what removing work can buy — never as a speedup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import os
+import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpdeploy.errors import UserError
+from mpdeploy.fileio import atomic_dir, atomic_path, write_json
+
+DEFAULT_BATCHES = (1, 8, 32, 64)
+BENCH_DIR = "bench"
+BENCH_JSON = "bench.json"
+BENCH_PNG = "bench.png"
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchOptions:
+    batches: tuple[int, ...] | None = None  # default: DEFAULT_BATCHES capped at max_batch
+    iterations: int = 30
+    warmup: int = 5
+    max_batch: int = 64
+    exporter: str = "auto"
+    same_model: bool = False  # nothing pruned, no sparsity: time the artifact alone
+    seed: int = 0
+    progress: bool = True
+
+    def batch_sizes(self) -> tuple[int, ...]:
+        if self.iterations < 1 or self.warmup < 0:
+            raise UserError("benchmark needs ≥ 1 timed iteration and ≥ 0 warm-up runs")
+        if self.batches:
+            too_big = [b for b in self.batches if b > self.max_batch or b < 1]
+            if too_big:
+                raise UserError(
+                    f"--bench-batch {too_big[0]} is outside the engine's batch profile "
+                    f"1…{self.max_batch} (raise --max-batch)"
+                )
+            return tuple(sorted(set(self.batches)))
+        return tuple(sorted({b for b in DEFAULT_BATCHES if b <= self.max_batch} | {self.max_batch}))
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchTiming:
+    batch: int
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    throughput: float  # images per second at the median latency
+    samples: int
+
+    @classmethod
+    def from_seconds(cls, batch: int, seconds: list[float]) -> BatchTiming:
+        ms = np.asarray(seconds, dtype=np.float64) * 1e3
+        if ms.size == 0 or not np.all(np.isfinite(ms)) or np.any(ms <= 0):
+            raise UserError(f"benchmark produced no valid timings at batch {batch}")
+        median = float(np.median(ms))
+        return cls(
+            batch=batch,
+            median_ms=round(median, 4),
+            p90_ms=round(float(np.percentile(ms, 90)), 4),
+            mean_ms=round(float(ms.mean()), 4),
+            min_ms=round(float(ms.min()), 4),
+            throughput=round(batch / (median / 1e3), 2),
+            samples=int(ms.size),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchReport:
+    backend: str
+    precision: str
+    comparison: str  # "dense vs pruned" | "no pruning"
+    batches: list[int]
+    pruned: list[BatchTiming]
+    dense: list[BatchTiming] | None
+    speedup_by_batch: dict[int, float]
+    mac_ratio: float | None
+    protocol: dict[str, Any]
+    machine: dict[str, Any]
+    headline: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        payload = dataclasses.asdict(self)
+        payload["speedup_by_batch"] = {str(k): v for k, v in self.speedup_by_batch.items()}
+        return payload
+
+
+@dataclasses.dataclass
+class TimedRunner:
+    """A Polygraphy runner plus how to feed it: `feed(batch)` → feed dict, extra infer kwargs."""
+
+    runner: Any
+    feed: Callable[[int], dict[str, Any]]
+    infer_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# --- the measurement -------------------------------------------------------------------------
+
+
+def measure_interleaved(
+    runners: dict[str, TimedRunner],
+    batches: tuple[int, ...],
+    *,
+    iterations: int,
+    warmup: int,
+    progress: bool = True,
+    desc: str = "bench",
+) -> dict[str, dict[int, list[float]]]:
+    """Seconds per inference for every runner and batch, from `runner.last_inference_time()`.
+
+    Runners are activated together and stay active; per batch size every runner is warmed up,
+    then each timed iteration runs all runners, rotating which one goes first.
+    """
+    from tqdm.auto import tqdm
+
+    names = list(runners)
+    times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batches} for n in names}
+    total = len(batches) * (warmup + iterations) * len(names)
+    with (
+        contextlib.ExitStack() as stack,
+        tqdm(total=total, desc=desc, unit="run", disable=not progress, leave=False) as bar,
+    ):
+        for timed in runners.values():
+            stack.enter_context(timed.runner)
+        for batch in batches:
+            feeds = {n: runners[n].feed(batch) for n in names}
+            for _ in range(warmup):
+                for n in names:
+                    runners[n].runner.infer(feeds[n], **runners[n].infer_kwargs)
+                    bar.update()
+            for i in range(iterations):
+                shift = i % len(names)
+                for n in names[shift:] + names[:shift]:
+                    runners[n].runner.infer(feeds[n], **runners[n].infer_kwargs)
+                    times[n][batch].append(float(runners[n].runner.last_inference_time()))
+                    bar.update()
+    return times
+
+
+def random_feed(input_name: str, input_shape: tuple[int, ...], seed: int = 0):
+    """feed(batch) → {input_name: seeded N(0,1) float32 array}; same data for every runner."""
+    cache: dict[int, dict[str, np.ndarray]] = {}
+
+    def feed(batch: int) -> dict[str, np.ndarray]:
+        if batch not in cache:
+            rng = np.random.default_rng(seed + batch)
+            data = rng.standard_normal((batch, *input_shape), dtype=np.float32)
+            cache[batch] = {input_name: data}
+        return cache[batch]
+
+    return feed
+
+
+def cuda_feed(feed: Callable[[int], dict[str, np.ndarray]]):
+    """The same feed as torch CUDA tensors, so GPU runners time no host-to-device copy."""
+    import torch
+
+    def on_device(batch: int) -> dict[str, Any]:
+        return {k: torch.from_numpy(v).cuda() for k, v in feed(batch).items()}
+
+    return on_device
+
+
+# --- the build-directory benchmark -----------------------------------------------------------
+
+
+def bench_build(
+    build_dir: str | Path,
+    *,
+    dense_model,
+    engine,
+    options: BenchOptions,
+    engine_options,
+) -> BenchReport:
+    """Benchmark the build's engine against a dense engine built the same way; write bench.json,
+    bench.png (and the dense engine under bench/) atomically; return the report."""
+    from mpdeploy.backends import get_backend
+
+    build_dir = Path(build_dir)
+    batches = options.batch_sizes()
+    backend = get_backend(engine.backend)
+    feed = _feed_for(engine, options.seed)
+    runners = {
+        "pruned": TimedRunner(
+            backend.runner(engine, build_dir, name="pruned"), feed, _infer_kwargs(engine)
+        )
+    }
+    dense_record = None
+    # The dense twin lives in bench/ (its own engine/ inside), never in the build's engine/.
+    staging = (
+        contextlib.nullcontext(None)
+        if options.same_model
+        else atomic_dir(build_dir / BENCH_DIR, replace=True)
+    )
+    with staging as bench_dir:
+        if bench_dir is not None:
+            dense_record = build_dense_engine(
+                dense_model, engine, bench_dir, options, engine_options
+            )
+            runners["dense"] = TimedRunner(
+                backend.runner(dense_record, bench_dir, name="dense"),
+                feed,
+                _infer_kwargs(dense_record),
+            )
+        times = measure_interleaved(
+            runners,
+            batches,
+            iterations=options.iterations,
+            warmup=options.warmup,
+            progress=options.progress,
+            desc=f"bench {engine.backend}",
+        )
+    report = make_report(
+        times, engine, options, batches, _mac_counts(build_dir, engine), dense_record
+    )
+    write_json(build_dir / BENCH_JSON, report.to_dict())
+    plot_bench(report, build_dir / BENCH_PNG)
+    return report
+
+
+def build_dense_engine(dense_model, engine, bench_dir: Path, options: BenchOptions, engine_options):
+    """Export the dense model and build it with the engine's backend and options, minus sparsity."""
+    from mpdeploy.backends import get_backend
+    from mpdeploy.export import export_onnx
+
+    onnx_path = bench_dir / "dense.onnx"
+    export_onnx(dense_model, onnx_path, tuple(engine.input_shape), exporter=options.exporter)
+    if engine.precision == "fp16":
+        from mpdeploy.export.fp16 import convert_fp16
+
+        onnx_path = convert_fp16(onnx_path, bench_dir / "dense.fp16.onnx")
+    dense_options = dataclasses.replace(engine_options, sparsity=None)
+    return get_backend(engine.backend).build(onnx_path, bench_dir, dense_options)
+
+
+def make_report(
+    times: dict[str, dict[int, list[float]]],
+    engine,
+    options: BenchOptions,
+    batches: tuple[int, ...],
+    macs: dict[str, Any],
+    dense_record=None,
+) -> BenchReport:
+    pruned = [BatchTiming.from_seconds(b, times["pruned"][b]) for b in batches]
+    dense = (
+        [BatchTiming.from_seconds(b, times["dense"][b]) for b in batches]
+        if "dense" in times
+        else None
+    )
+    if dense is None:
+        speedups = {b: 1.0 for b in batches}
+        comparison = "no pruning"
+    else:
+        speedups = {
+            d.batch: round(d.median_ms / p.median_ms, 4) for d, p in zip(dense, pruned, strict=True)
+        }
+        comparison = "dense vs pruned"
+    values = list(speedups.values())
+    best_batch = max(speedups, key=speedups.get)
+    first, last = pruned[0], pruned[-1]
+    headline: dict[str, Any] = {
+        "bench_comparison": comparison,
+        "speedup_median": round(float(np.median(values)), 4),
+        "speedup_best": speedups[best_batch],
+        "speedup_best_batch": best_batch,
+        "speedup_by_batch": {str(b): s for b, s in speedups.items()},
+        "mac_ratio": macs.get("mac_ratio"),
+        f"latency_ms_batch{first.batch}": first.median_ms,
+        f"latency_ms_batch{last.batch}": last.median_ms,
+        f"throughput_batch{last.batch}": last.throughput,
+    }
+    if dense is not None:
+        headline[f"dense_latency_ms_batch{dense[0].batch}"] = dense[0].median_ms
+        headline[f"dense_latency_ms_batch{dense[-1].batch}"] = dense[-1].median_ms
+    limit = macs.get("mac_ratio")
+    if dense is not None and limit and speedups[best_batch] > 1.1 * limit:
+        # Removing work cannot buy more than the work removed: this is noise (a loaded machine,
+        # too few iterations) or the two engines took different kernel paths.
+        headline["bench_warning"] = (
+            f"speedup {speedups[best_batch]:.2f}x at batch {best_batch} exceeds the MAC ratio "
+            f"{limit:.2f}x: check machine load (bench.json machine.load_average) and iterations"
+        )
+    return BenchReport(
+        backend=engine.backend,
+        precision=engine.precision,
+        comparison=comparison,
+        batches=list(batches),
+        pruned=pruned,
+        dense=dense,
+        speedup_by_batch=speedups,
+        mac_ratio=macs.get("mac_ratio"),
+        protocol={
+            "warmup": options.warmup,
+            "iterations": options.iterations,
+            "order": "interleaved per iteration, alternating which model runs first",
+            "timer": "Polygraphy runner.last_inference_time() around one infer() call",
+            "inputs": "seeded N(0, 1) float32, identical for both models",
+            "same_process": True,
+            "artifact": engine.artifact,
+            "dense_artifact": f"{BENCH_DIR}/{dense_record.artifact}" if dense_record else None,
+            "macs": macs,
+            "note": (
+                "nothing was pruned or sparsified: only the artifact was timed and the speedup "
+                "is 1.0 by definition, not a measurement"
+            )
+            if dense is None
+            else None,
+        },
+        machine=machine_info(engine),
+        headline=headline,
+    )
+
+
+def machine_info(engine=None) -> dict[str, Any]:
+    from mpdeploy.doctor import cpu_name, gpu_devices
+    from mpdeploy.manifest import environment
+
+    env = environment()
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {k: v for k, v in env["versions"].items() if v},
+        "gpus": gpu_devices() if engine is None or engine.backend != "onnxruntime" else [],
+        "load_average": [round(v, 2) for v in os.getloadavg()],  # 1, 5, 15 min, at the end
+    }
+    if engine is not None:
+        info["engine_details"] = {
+            k: v
+            for k, v in engine.details.items()
+            if k
+            in (
+                "onnxruntime_version",
+                "providers",
+                "intra_op_threads",
+                "tensorrt_version",
+                "gpu",
+                "compute_capability",
+            )
+        }
+    return info
+
+
+def plot_bench(report: BenchReport, path: Path) -> Path:
+    """Latency (median, p90 whisker) and throughput vs batch size, dense vs pruned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(10, 4))
+    series = [("pruned" if report.dense else "artifact", report.pruned, "C1")]
+    if report.dense:
+        series.insert(0, ("dense", report.dense, "C0"))
+    for label, rows, color in series:
+        xs = [r.batch for r in rows]
+        med = np.array([r.median_ms for r in rows])
+        p90 = np.array([r.p90_ms for r in rows])
+        ax_lat.errorbar(
+            xs,
+            med,
+            yerr=[np.zeros_like(med), p90 - med],
+            marker="o",
+            color=color,
+            capsize=3,
+            label=f"{label} (median, p90)",
+        )
+        ax_thr.plot(xs, [r.throughput for r in rows], marker="o", color=color, label=label)
+    for ax in (ax_lat, ax_thr):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(report.batches, [str(b) for b in report.batches])
+        ax.set_xlabel("batch size")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax_lat.set_yscale("log")
+    ax_lat.set_ylabel("latency per batch (ms)")
+    ax_thr.set_ylabel("throughput (images/s)")
+    head = report.headline
+    mac = f", MAC ratio {report.mac_ratio:.2f}×" if report.mac_ratio else ""
+    title = (
+        f"{report.backend} {report.precision}: speedup median {head['speedup_median']:.2f}×, "
+        f"best {head['speedup_best']:.2f}×{mac}"
+        if report.dense
+        else f"{report.backend} {report.precision}: no pruning (speedup 1.0 by definition)"
+    )
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _feed_for(engine, seed: int):
+    feed = random_feed(engine.input_name, tuple(engine.input_shape), seed)
+    if engine.backend == "tensorrt" and _torch_cuda():
+        return cuda_feed(feed)
+    return feed
+
+
+def _infer_kwargs(record) -> dict[str, Any]:
+    # TensorRT: outputs stay on the GPU so the timing is the engine, not a device-to-host copy.
+    return {"copy_outputs_to_host": False} if record.backend == "tensorrt" and _torch_cuda() else {}
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def _mac_counts(build_dir: Path, engine) -> dict[str, Any]:
+    """dense/pruned/sparse-execution MACs from the manifest headline, and their ratio."""
+    from mpdeploy.manifest import MANIFEST, Manifest
+
+    if not (build_dir / MANIFEST).is_file():
+        return {"mac_ratio": None}
+    head = Manifest.load(build_dir).payload.get("headline", {})
+    dense, pruned = head.get("dense_macs"), head.get("pruned_macs")
+    sparse = head.get("sparse_execution_macs")
+    sparse_used = bool(engine.details.get("sparse_weights")) and bool(sparse)
+    executed = sparse if sparse_used else pruned
+    ratio = round(dense / executed, 4) if dense and executed else None
+    return {
+        "dense_macs": dense,
+        "pruned_macs": pruned,
+        "sparse_execution_macs": sparse,
+        "ratio_uses": "sparse_execution_macs" if sparse_used else "pruned_macs",
+        "mac_ratio": ratio,
+    }
