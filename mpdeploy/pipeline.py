@@ -185,7 +185,7 @@ class StageOutcome:
 
 
 def stage_resolve(ctx: BuildContext) -> StageOutcome:
-    from mpdeploy.models import create_model
+    from mpdeploy.models import create_model, short_name
     from mpdeploy.models.spec import save_model
     from mpdeploy.prune.macs import count_macs
 
@@ -197,6 +197,7 @@ def stage_resolve(ctx: BuildContext) -> StageOutcome:
     params = sum(p.numel() for p in loaded.model.parameters())
     ctx.manifest.payload["model"] = {
         "requested": opts.model,
+        "alias": short_name(opts.model),
         "timm_name": loaded.spec.timm_name,
         "num_classes": loaded.spec.num_classes,
         "img_size": loaded.spec.img_size,
@@ -465,6 +466,7 @@ def stage_bench(ctx: BuildContext) -> StageOutcome:
             max_batch=opts.max_batch,
             exporter=opts.exporter,
             same_model=opts.target_macs <= 0 and parse_sparsity(opts.sparsity) is None,
+            progress=ctx.progress,
         ),
         engine_options=engine_options(opts),
     )

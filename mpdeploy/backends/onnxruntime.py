@@ -59,6 +59,9 @@ def make_session(onnx_path: Path, threads: int | None = None):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # Idle ORT threads spin by default; interleaved sessions (dense vs pruned timing) would then
+    # steal each other's cores and distort the comparison.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     try:

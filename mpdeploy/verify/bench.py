@@ -135,7 +135,9 @@ def measure_interleaved(
     total = len(batches) * (warmup + iterations) * len(names)
     with (
         contextlib.ExitStack() as stack,
-        tqdm(total=total, desc=desc, unit="run", disable=not progress, leave=False) as bar,
+        tqdm(
+            total=total, desc=desc, unit="run", disable=None if progress else True, leave=False
+        ) as bar,
     ):
         for timed in runners.values():
             stack.enter_context(timed.runner)
