@@ -1,0 +1,66 @@
+"""timm ResNet / ResNet-D: the inner channels of basic and bottleneck blocks; residual widths stay.
+
+A basic block has one group (conv1 → bn1 → act → conv2); a bottleneck has two (conv1 → bn1 →
+conv2, and conv2 → bn2 → conv3). A removed channel has its conv rows and its BatchNorm scale and
+shift zeroed in the masked twin, so it is exactly 0 after ReLU and its consumer columns are inert.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mpdeploy.errors import UserError
+from mpdeploy.prune.adapters import Adapter, require_identity
+from mpdeploy.prune.groups import ChannelGroup, ParamSlice
+
+BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+def conv_bn_group(block: nn.Module, path: str, conv: str, bn: str, consumer: str) -> ChannelGroup:
+    """Output channels of `conv` (+ its BatchNorm `bn`) read by the next conv `consumer`."""
+    producer_conv = getattr(block, conv)
+    if producer_conv.groups != 1 or getattr(block, consumer).groups != 1:
+        raise UserError(f"structured pruning does not support grouped convs (ResNeXt) in {path}")
+    if not isinstance(getattr(block, bn), nn.BatchNorm2d):
+        raise UserError(f"structured pruning expects BatchNorm2d after {path}.{conv}")
+    producers = [ParamSlice(f"{path}.{conv}.weight", 0)]
+    if producer_conv.bias is not None:
+        producers.append(ParamSlice(f"{path}.{conv}.bias", 0))
+    producers += [ParamSlice(f"{path}.{bn}.{t}", 0) for t in BN_TENSORS]
+    return ChannelGroup(
+        name=f"{path}.{conv}",
+        kind="conv_inner",
+        width=int(producer_conv.out_channels),
+        unit=1,
+        producers=tuple(producers),
+        consumers=(ParamSlice(f"{path}.{consumer}.weight", 1),),
+        consumer_module=f"{path}.{consumer}",
+        min_units=1,
+    )
+
+
+class ResNetAdapter(Adapter):
+    family = "resnet"
+    examples = ("resnet*", "resnet*d", "test_resnet")
+
+    def matches(self, model: nn.Module) -> bool:
+        from timm.models.resnet import ResNet
+
+        return isinstance(model, ResNet)
+
+    def channel_groups(self, model: nn.Module) -> list[ChannelGroup]:
+        from timm.models.resnet import BasicBlock, Bottleneck
+
+        groups = []
+        for stage in ("layer1", "layer2", "layer3", "layer4"):
+            for b, block in enumerate(getattr(model, stage)):
+                path = f"{stage}.{b}"
+                require_identity(block.aa, "anti-aliasing", path)
+                if type(block) is BasicBlock:
+                    groups.append(conv_bn_group(block, path, "conv1", "bn1", "conv2"))
+                elif type(block) is Bottleneck:
+                    groups.append(conv_bn_group(block, path, "conv1", "bn1", "conv2"))
+                    groups.append(conv_bn_group(block, path, "conv2", "bn2", "conv3"))
+                else:
+                    raise UserError(f"structured pruning: unsupported ResNet block at {path}")
+        return groups

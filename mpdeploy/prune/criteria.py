@@ -1,0 +1,243 @@
+"""Importance criteria: one score per removable unit (a head, a neuron, a channel) of each group.
+
+All criteria share one interface and one planner, so the MP criterion and its baselines are
+compared through exactly the same code. Low score = removed first.
+
+- `mp` (default): the unit's mean squared contribution to its consumer's output on the
+  calibration batch, E‖W_out[:, u] · h_u(x)‖² (the ℓ² logit-effect proxy of brief §5.1, applied
+  to whole units), divided by the consumer layer's MP budget weight (brief §2.3): layers with a
+  high σ+ have weight > 1 and are cut more.
+- `magnitude`: the squared L2 norm of the unit's parameters (producer rows, norms, consumer
+  columns); squared so that it adds up over a unit's channels like the MACs it is divided by.
+- `random`: a seeded random removal order: uniform scores times each unit's MAC cost, so that
+  the planner's score-per-MAC ranking is uniform too (no preference for expensive units).
+- `taylor`: first-order Taylor, mean over images of |Σ h·∂L/∂h| over the unit's channels and
+  positions, with L the cross-entropy against the model's own top-1 predictions (no labels, no KD).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from mpdeploy.errors import UserError
+from mpdeploy.prune.groups import ChannelGroup
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringContext:
+    calib: torch.Tensor | None  # (N, 3, H, W) preprocessed calibration images
+    budget_weights: Mapping[str, float]  # consumer module name → MP budget weight
+    unit_macs: Mapping[str, float] = dataclasses.field(default_factory=dict)  # group → MACs/unit
+    seed: int = 0
+    batch_size: int = 32
+    max_rows: int = 4096  # activation rows kept per layer and batch for k×k conv statistics
+
+
+class Criterion:
+    name: ClassVar[str]
+    min_calibration: ClassVar[int] = 0  # images needed
+
+    def unit_scores(
+        self, model: nn.Module, groups: list[ChannelGroup], ctx: ScoringContext
+    ) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def check(self, ctx: ScoringContext) -> None:
+        have = 0 if ctx.calib is None else int(ctx.calib.shape[0])
+        if have < self.min_calibration:
+            raise UserError(
+                f"the {self.name} criterion needs at least {self.min_calibration} calibration "
+                f"images (got {have})"
+            )
+
+
+class RandomCriterion(Criterion):
+    name = "random"
+
+    def unit_scores(self, model, groups, ctx):
+        rng = np.random.default_rng(ctx.seed)
+        return {g.name: rng.random(g.units) * ctx.unit_macs.get(g.name, 1.0) for g in groups}
+
+
+class MagnitudeCriterion(Criterion):
+    name = "magnitude"
+
+    def unit_scores(self, model, groups, ctx):
+        params = dict(model.named_parameters())
+        scores = {}
+        for group in groups:
+            sq = torch.zeros(group.width, dtype=torch.float64)
+            for piece in (*group.producers, *group.consumers):
+                if piece.name not in params:  # BatchNorm running statistics are not weights
+                    continue
+                tensor = params[piece.name].detach().double()
+                rows = tensor.narrow(piece.dim, piece.offset, group.width).movedim(piece.dim, 0)
+                sq += rows.reshape(group.width, -1).pow(2).sum(1)
+            scores[group.name] = sq.view(group.units, group.unit).sum(1).numpy()
+        return scores
+
+
+class MPCriterion(Criterion):
+    """E‖W_out[:, u] h_u‖² / w_ℓ, from the within-unit second moments of the consumer input."""
+
+    name = "mp"
+    min_calibration = 2
+
+    def unit_scores(self, model, groups, ctx):
+        moments = {g.name: _SecondMoment(model, g, ctx) for g in groups}
+
+        def observe(group: ChannelGroup, module: nn.Module, x: torch.Tensor) -> None:
+            moments[group.name].add(x.detach())
+
+        with torch.no_grad(), _consumer_inputs(model, groups, observe):
+            for batch in _batches(ctx):
+                model(batch)
+        weights = dict(ctx.budget_weights)
+        return {
+            g.name: moments[g.name].output_energy() / float(weights.get(g.consumer_module, 1.0))
+            for g in groups
+        }
+
+
+class TaylorCriterion(Criterion):
+    name = "taylor"
+    min_calibration = 2
+
+    def unit_scores(self, model, groups, ctx):
+        sums = {g.name: torch.zeros(g.units, dtype=torch.float64) for g in groups}
+
+        def observe(group: ChannelGroup, module: nn.Module, x: torch.Tensor) -> None:
+            def on_grad(grad: torch.Tensor, x=x.detach(), group=group, module=module) -> None:
+                per_channel = _per_sample_channel_sums(module, x * grad)  # (B, width)
+                unit = per_channel.view(per_channel.shape[0], group.units, group.unit).sum(2)
+                sums[group.name] += unit.abs().double().sum(0)
+
+            x.register_hook(on_grad)
+
+        n = 0
+        with _grad_enabled(model), _consumer_inputs(model, groups, observe):
+            for batch in _batches(ctx):
+                logits = model(batch)
+                loss = nn.functional.cross_entropy(
+                    logits, logits.argmax(1).detach(), reduction="sum"
+                )
+                loss.backward()
+                n += batch.shape[0]
+        model.zero_grad(set_to_none=True)
+        return {name: (total / n).numpy() for name, total in sums.items()}
+
+
+CRITERIA: dict[str, type[Criterion]] = {
+    c.name: c for c in (MPCriterion, MagnitudeCriterion, RandomCriterion, TaylorCriterion)
+}
+
+
+def get_criterion(name: str) -> Criterion:
+    if name not in CRITERIA:
+        raise UserError(f"unknown pruning method '{name}': choose one of {', '.join(CRITERIA)}")
+    return CRITERIA[name]()
+
+
+# --- activation statistics ---------------------------------------------------------------------
+
+
+class _SecondMoment:
+    """Accumulates, per unit u, M_u = E[h_u h_uᵀ] of the consumer input (k×k patches for convs)."""
+
+    def __init__(self, model: nn.Module, group: ChannelGroup, ctx: ScoringContext):
+        self.group = group
+        self.module = model.get_submodule(group.consumer_module)
+        self.generator = torch.Generator().manual_seed(ctx.seed)
+        self.max_rows = ctx.max_rows
+        weight = self.module.weight.detach().double()
+        # (out, units, features per unit): a unit's channels times its kernel taps
+        self.weight = weight.reshape(weight.shape[0], group.units, -1)
+        features = self.weight.shape[2]
+        self.moment = torch.zeros(group.units, features, features, dtype=torch.float64)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = self._rows(x)  # (R, units, features)
+        if rows.shape[2] == 1:  # one channel per unit: only the diagonal (einsum is slow here)
+            self.moment[:, 0, 0] += rows[:, :, 0].pow(2).sum(0)
+        else:
+            self.moment += torch.bmm(rows.permute(1, 2, 0), rows.permute(1, 0, 2))
+        self.rows += rows.shape[0]
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.group
+        if isinstance(self.module, nn.Linear):
+            return x.reshape(-1, g.units, g.unit).double()
+        conv = self.module
+        if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), 0):
+            return x.permute(0, 2, 3, 1).reshape(-1, g.units, g.unit).double()
+        patches = nn.functional.unfold(
+            x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride
+        )  # (B, C·k², L)
+        patches = patches.transpose(1, 2).reshape(-1, g.units, self.weight.shape[2])
+        if patches.shape[0] > self.max_rows:
+            keep = torch.randperm(patches.shape[0], generator=self.generator)[: self.max_rows]
+            patches = patches[keep]
+        return patches.double()
+
+    def output_energy(self) -> np.ndarray:
+        """E‖W[:, u] h_u‖² per unit: Σ_o w_ouᵀ M_u w_ou."""
+        moment = self.moment / max(self.rows, 1)
+        weight = self.weight.permute(1, 0, 2)  # (units, out, features)
+        energy = (torch.bmm(weight, moment) * weight).sum(dim=(1, 2))
+        return energy.clamp_min(0).numpy()
+
+
+def _per_sample_channel_sums(module: nn.Module, values: torch.Tensor) -> torch.Tensor:
+    """Sum a consumer input over positions: (B, …, C) for Linear, (B, C, H, W) for Conv2d."""
+    if isinstance(module, nn.Linear):
+        return values.reshape(values.shape[0], -1, values.shape[-1]).sum(1)
+    return values.sum(dim=(2, 3))
+
+
+@contextlib.contextmanager
+def _consumer_inputs(
+    model: nn.Module,
+    groups: list[ChannelGroup],
+    observe: Callable[[ChannelGroup, nn.Module, torch.Tensor], None],
+) -> Iterator[None]:
+    """Call `observe(group, consumer, input)` on every forward of each group's consumer."""
+    handles = []
+    for group in groups:
+        module = model.get_submodule(group.consumer_module)
+
+        def hook(mod, inputs, group=group):
+            observe(group, mod, inputs[0])
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _grad_enabled(model: nn.Module) -> Iterator[None]:
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+
+
+def _batches(ctx: ScoringContext) -> Iterator[torch.Tensor]:
+    images = ctx.calib
+    for start in range(0, images.shape[0], ctx.batch_size):
+        yield images[start : start + ctx.batch_size]

@@ -1,0 +1,357 @@
+"""How much to cut where: a global greedy plan to a MAC target, checked with real MAC counts.
+
+Each group offers its units (heads, neurons, channels) lowest-score first, in chunks that keep its
+width a multiple of `round_to` channels (heads: a head count whose width is such a multiple when
+the head size allows) and never below one head or 8 channels. All chunks are ranked globally by
+score per MAC; a plan is a prefix of that ranking. The prefix is chosen with MAC estimates, then
+corrected with `count_macs` on the actually cut model until the reduction is within tolerance.
+`prune_model` runs the whole prune stage: score, plan, cut, measure.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mpdeploy.errors import UserError
+from mpdeploy.prune.groups import ChannelGroup
+
+MIN_CHANNELS = 8  # never keep fewer neurons/channels in a layer (heads: at least one)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    target_macs: float  # fraction of the dense MACs to remove
+    method: str = "mp"
+    round_to: int = 8
+    seed: int = 0
+    tolerance: float = 0.01  # |achieved − target| on the MAC-reduction fraction
+    batch_size: int = 32  # calibration forward batch for scoring and the headline
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneResult:
+    model: nn.Module
+    spec: Any  # ModelSpec with the kept widths, or None when no spec was given
+    plan: dict[str, Any]
+    headline: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Units of one group removed together; `priority` = mean score per MAC."""
+
+    group: str
+    units: tuple[int, ...]
+    score: float
+    macs: float
+    priority: float
+
+
+def prune_model(
+    model: nn.Module,
+    calib: torch.Tensor | None,
+    spectrum: Any,
+    config: PruneConfig,
+    *,
+    spec: Any = None,
+    input_shape: tuple[int, int, int] | None = None,
+) -> PruneResult:
+    """Remove the lowest-importance units of a copy of `model` until `target_macs` is reached."""
+    from mpdeploy.prune.adapters import get_adapter
+    from mpdeploy.prune.criteria import ScoringContext, get_criterion
+    from mpdeploy.prune.macs import count_macs
+    from mpdeploy.prune.surgery import group_widths, prune_groups
+
+    if not 0.0 < config.target_macs < 1.0:
+        raise UserError(f"target MAC reduction must lie in (0, 1) (got {config.target_macs})")
+    if config.round_to < 1:
+        raise UserError(f"round_to must be at least 1 (got {config.round_to})")
+    criterion = get_criterion(config.method)
+    adapter = get_adapter(model)
+    model = model.eval()
+    if input_shape is None:
+        if calib is None:
+            raise UserError("prune_model needs input_shape or a calibration batch")
+        input_shape = tuple(calib.shape[1:])
+    groups = adapter.channel_groups(model)
+    dense_count = count_macs(model, (1, *input_shape))
+    unit_macs = estimate_unit_macs(model, groups, adapter, dense_count)
+    ctx = ScoringContext(
+        calib=calib,
+        budget_weights=budget_weights(spectrum),
+        unit_macs=unit_macs,
+        seed=config.seed,
+        batch_size=config.batch_size,
+    )
+    criterion.check(ctx)
+    scores = criterion.unit_scores(model, groups, ctx)
+    chunks = rank_chunks(groups, scores, unit_macs, config.round_to)
+
+    def measure(removed: dict[str, set[int]]) -> nn.Module:
+        return prune_groups(copy.deepcopy(model), keep_indices(groups, removed))
+
+    def reduction(removed: dict[str, set[int]]) -> float:
+        pruned_macs = count_macs(measure(removed), (1, *input_shape)).total_macs
+        return 1.0 - pruned_macs / dense_count.total_macs
+
+    prefix, trials = choose_prefix(chunks, dense_count.total_macs, config, reduction)
+    removed = removed_units(chunks[:prefix])
+    pruned = measure(removed).eval()
+    pruned_count = count_macs(pruned, (1, *input_shape))
+    widths = group_widths(pruned)
+    achieved = 1.0 - pruned_count.total_macs / dense_count.total_macs
+
+    headline = {
+        "method": config.method,
+        "target_macs": config.target_macs,
+        "dense_macs": dense_count.total_macs,
+        "pruned_macs": pruned_count.total_macs,
+        "mac_reduction": achieved,
+        "dense_params": _params(model),
+        "pruned_params": _params(pruned),
+    }
+    if calib is not None and calib.shape[0] > 0:
+        headline.update(logit_effect(model, pruned, calib, config.batch_size))
+    plan = {
+        "method": config.method,
+        "family": adapter.family,
+        "target_macs": config.target_macs,
+        "tolerance": config.tolerance,
+        "round_to": config.round_to,
+        "seed": config.seed,
+        "budget_weights_from": "spectrum" if ctx.budget_weights else "none (all 1.0)",
+        "uses_budget_weights": config.method == "mp",
+        "mac_iterations": trials,
+        "groups": [
+            group_record(g, scores[g.name], removed.get(g.name, set()), unit_macs[g.name], ctx)
+            for g in groups
+        ],
+        "totals": {
+            **{k: headline[k] for k in ("dense_macs", "pruned_macs", "mac_reduction")},
+            **{k: headline[k] for k in ("dense_params", "pruned_params")},
+            "within_tolerance": abs(achieved - config.target_macs) <= config.tolerance,
+            "units_removed": sum(len(u) for u in removed.values()),
+            "units_total": sum(g.units for g in groups),
+        },
+    }
+    new_spec = spec.with_widths(widths) if spec is not None else None
+    return PruneResult(pruned, new_spec, plan, headline)
+
+
+def budget_weights(spectrum: Any) -> dict[str, float]:
+    """Layer name → MP budget weight from a SpectrumReport, a plain mapping, or nothing."""
+    if spectrum is None:
+        return {}
+    if isinstance(spectrum, Mapping):
+        return {str(k): float(v) for k, v in spectrum.items()}
+    return dict(spectrum.budget_weights())
+
+
+# --- MAC accounting per unit -------------------------------------------------------------------
+
+
+def estimate_unit_macs(
+    model: nn.Module, groups: list[ChannelGroup], adapter: Any, dense_count: Any
+) -> dict[str, float]:
+    """MACs one unit of each group costs, from the per-layer counts of one real forward.
+
+    A weight slice along `dim` costs layer_macs / size(dim) per channel (a fused qkv row, an fc2
+    column, a conv filter); the adapter adds per-channel work outside weights (attention matmuls).
+    """
+    layer_macs = {layer.name: layer.macs for layer in dense_count.layers}
+    positions = {}
+    for name, macs in layer_macs.items():
+        weight = model.get_submodule(name).weight
+        positions[name] = macs / weight.numel()
+    params = dict(model.named_parameters())
+    out = {}
+    for group in groups:
+        per_channel = adapter.extra_channel_macs(group, positions)
+        for piece in (*group.producers, *group.consumers):
+            module_name, _, attr = piece.name.rpartition(".")
+            tensor = params.get(piece.name)
+            if attr != "weight" or tensor is None or tensor.ndim < 2:
+                continue
+            per_channel += layer_macs.get(module_name, 0) / tensor.shape[piece.dim]
+        out[group.name] = per_channel * group.unit
+    return out
+
+
+# --- the greedy plan ---------------------------------------------------------------------------
+
+
+def unit_step(group: ChannelGroup, round_to: int) -> int:
+    """Units removed at a time so kept widths stay multiples of `round_to` channels."""
+    if group.unit == 1:
+        return round_to
+    return round_to // math.gcd(round_to, group.unit)  # heads: 1 when head_dim is a multiple
+
+
+def min_kept_units(group: ChannelGroup, round_to: int) -> int:
+    step = unit_step(group, round_to)
+    floor = max(group.min_units, 1 if group.unit > 1 else MIN_CHANNELS)
+    return min(group.units, step * math.ceil(floor / step))
+
+
+def rank_chunks(
+    groups: list[ChannelGroup],
+    scores: Mapping[str, np.ndarray],
+    unit_macs: Mapping[str, float],
+    round_to: int,
+) -> list[Chunk]:
+    """Every group's removable chunks (lowest scores first), ranked globally by score per MAC."""
+    chunks = []
+    for group in groups:
+        score = np.asarray(scores[group.name], dtype=np.float64)
+        if score.shape != (group.units,):
+            raise UserError(
+                f"criterion gave {score.shape} scores for {group.units} units of {group.name}"
+            )
+        order = np.argsort(score, kind="stable")
+        step = unit_step(group, round_to)
+        removable = group.units - min_kept_units(group, round_to)
+        first = group.units % step or step
+        start = 0
+        size = first
+        while start + size <= removable:
+            units = tuple(int(u) for u in order[start : start + size])
+            total = float(score[list(units)].sum())
+            macs = unit_macs[group.name] * size
+            chunks.append(Chunk(group.name, units, total, macs, total / max(macs, 1e-12)))
+            start += size
+            size = step
+    index = {g.name: i for i, g in enumerate(groups)}
+    # stable within a group: its chunks come in ascending score order, so any prefix is valid
+    return sorted(chunks, key=lambda c: (c.priority, index[c.group]))
+
+
+def choose_prefix(
+    chunks: list[Chunk],
+    dense_macs: float,
+    config: PruneConfig,
+    reduction: Callable[[dict[str, set[int]]], float],
+    max_trials: int = 12,
+) -> tuple[int, list[dict[str, Any]]]:
+    """The prefix length whose measured MAC reduction is closest to the target.
+
+    Starts from the MAC estimate, then narrows a bracket with measured reductions (a measured
+    reduction only grows with the prefix), interpolating on the estimated curve.
+    """
+    estimated = np.concatenate([[0.0], np.cumsum([c.macs for c in chunks])]) / dense_macs
+    target = config.target_macs
+    lo, hi = 0, len(chunks)  # measured(lo) < target ≤ measured(hi) once known
+    measured: dict[int, float] = {}
+
+    def measure(k: int) -> float:
+        if k not in measured:
+            measured[k] = reduction(removed_units(chunks[:k]))
+        return measured[k]
+
+    goal = target
+    k = int(np.searchsorted(estimated, goal))
+    for _ in range(max_trials):
+        k = min(max(k, lo), hi)
+        value = measure(k)
+        if abs(value - target) <= config.tolerance / 2 or hi - lo <= 1:
+            break
+        if value < target:
+            lo = k
+        else:
+            hi = k
+        goal += target - value  # shift the estimate by the measured error
+        k = int(np.searchsorted(estimated, goal))
+        if not lo < k < hi:
+            k = (lo + hi) // 2
+    best = min(measured, key=lambda n: (abs(measured[n] - target), n))
+    if (
+        measured[best] < target - config.tolerance
+        and measure(len(chunks)) < target - config.tolerance
+    ):
+        raise UserError(
+            f"target MAC reduction {target:.0%} is out of reach: removing everything allowed "
+            f"(≥1 head, ≥{MIN_CHANNELS} channels per layer, multiples of {config.round_to}) "
+            f"gives {measured[len(chunks)]:.1%}"
+        )
+    trials = [{"chunks": n, "mac_reduction": measured[n]} for n in sorted(measured)]
+    return best, trials
+
+
+def removed_units(chunks: list[Chunk]) -> dict[str, set[int]]:
+    removed: dict[str, set[int]] = {}
+    for chunk in chunks:
+        removed.setdefault(chunk.group, set()).update(chunk.units)
+    return removed
+
+
+def keep_indices(
+    groups: list[ChannelGroup], removed: Mapping[str, set[int]]
+) -> dict[str, list[int]]:
+    """Kept channel indices per group (whole units, ascending)."""
+    keep = {}
+    for group in groups:
+        gone = removed.get(group.name)
+        if not gone:
+            continue
+        units = [u for u in range(group.units) if u not in gone]
+        keep[group.name] = [u * group.unit + c for u in units for c in range(group.unit)]
+    return keep
+
+
+def group_record(
+    group: ChannelGroup,
+    scores: np.ndarray,
+    removed: set[int],
+    unit_macs: float,
+    ctx: Any,
+) -> dict[str, Any]:
+    kept = [u for u in range(group.units) if u not in removed]
+    gone = sorted(removed)
+    return {
+        "name": group.name,
+        "kind": group.kind,
+        "consumer": group.consumer_module,
+        "budget_weight": float(ctx.budget_weights.get(group.consumer_module, 1.0)),
+        "unit": group.unit,
+        "width_before": group.width,
+        "width_after": len(kept) * group.unit,
+        "units_kept": kept,
+        "units_removed": gone,
+        "macs_per_unit": unit_macs,
+        "max_removed_score": float(max(scores[gone])) if gone else None,
+        "min_kept_score": float(min(scores[kept])) if kept else None,
+        "scores": [float(s) for s in scores],
+    }
+
+
+# --- what the cut did to the logits ------------------------------------------------------------
+
+
+def logit_effect(
+    dense: nn.Module, pruned: nn.Module, calib: torch.Tensor, batch_size: int
+) -> dict[str, float]:
+    """Per-sample ‖Δlogits‖∞ on the calibration batch and the margin certificate (brief §3.2)."""
+    from mpdeploy.verify.certificate import margin_certificate
+
+    with torch.no_grad():
+        ref = torch.cat([dense(b) for b in calib.split(batch_size)]).double().numpy()
+        out = torch.cat([pruned(b) for b in calib.split(batch_size)]).double().numpy()
+    cert = margin_certificate(ref, out)
+    return {
+        "logit_perturbation_max": cert["max_logit_perturbation"],
+        "logit_perturbation_median": cert["median_logit_perturbation"],
+        "certified_fraction": cert["certified_fraction"],
+        "top1_agreement_calib": cert["top1_agreement"],
+        "calibration_images": cert["samples"],
+    }
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

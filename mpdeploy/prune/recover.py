@@ -1,0 +1,398 @@
+"""Short recovery of a pruned (and possibly N:M-sparse) model by distillation from the dense teacher.
+
+Recipe of brief §5.4: loss 0.5·CE(label smoothing 0.1) + 0.5·τ²·KL(teacher/τ ‖ student/τ) with
+τ = 2; AdamW with no weight decay on biases, norms, pos_embed and cls_token; linear warm-up then
+cosine decay; gradient clipping. The architecture is frozen (widths do not change), and N:M masks,
+when given, are re-applied after every optimiser step so momentum and weight decay cannot refill
+them. Runs in one process, or under `torchrun` with DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpdeploy.errors import UserError
+
+log = logging.getLogger(__name__)
+
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoverConfig:
+    epochs: int = 1
+    seed: int = 0
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.01  # cosine floor, as a fraction of lr
+    warmup_fraction: float = 0.1  # of all optimiser steps
+    weight_decay: float = 0.05
+    batch_size: int = 64
+    alpha: float = 0.5  # weight of the KD term; 1 − alpha on cross-entropy
+    tau: float = 2.0
+    label_smoothing: float = 0.1
+    grad_clip: float | None = 1.0
+    hflip: float | None = None  # None: 0.5 for image folders, 0 for the demo digits
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    eval_images: int = 512  # seeded subset of the training images scored before and after
+    num_workers: int = 0
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoverResult:
+    model: nn.Module
+    record: dict[str, Any]
+    headline: dict[str, Any]
+
+
+def recover(
+    student: nn.Module,
+    teacher: nn.Module,
+    train: str | os.PathLike,
+    data_config: Mapping[str, Any],
+    config: RecoverConfig,
+    sparsity: tuple[int, int] | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
+) -> RecoverResult:
+    """Distil `teacher` into `student` (in place) on `train` ("demo" or an ImageFolder layout).
+
+    `masks` (bool, keyed by parameter name) are kept exactly; without them, a given `sparsity`
+    pattern freezes the current zeros of every ≥2-D weight instead.
+    """
+    if config.epochs < 1:
+        raise UserError(f"recovery needs at least one epoch (got {config.epochs})")
+    start = time.perf_counter()
+    world, rank, local_rank = _distributed_env()
+    device = _device(student, local_rank)
+    torch.manual_seed(config.seed + rank)
+    student.to(device)
+    teacher.to(device).eval()
+    if masks is None and sparsity is not None:
+        masks = {n: p.detach() != 0 for n, p in student.named_parameters() if p.ndim >= 2}
+    masks = _checked_masks(student, masks, device)
+    _apply_masks(student, masks)
+
+    images, labels, classes = load_train_set(train)
+    num_classes = int(getattr(student, "num_classes", 0) or 0)
+    if num_classes and len(classes) > num_classes:
+        raise UserError(f"{train} has {len(classes)} classes but the model has {num_classes}")
+    if num_classes and len(classes) < num_classes:
+        log.warning(
+            "%s has %d classes, the model %d: folder i is class i", train, len(classes), num_classes
+        )
+    hflip = config.hflip if config.hflip is not None else (0.0 if str(train) == "demo" else 0.5)
+    train_set = LabelledImages(images, labels, train_transform(data_config, hflip))
+    eval_idx = _eval_subset(len(images), config.eval_images, config.seed)
+    eval_set = LabelledImages(
+        [images[i] for i in eval_idx], labels[eval_idx], _eval_transform(data_config)
+    )
+
+    top1_before = top1(student, eval_set, config.batch_size, device)
+    losses = _train(student, teacher, train_set, config, masks, device, world, rank)
+    top1_after = top1(student, eval_set, config.batch_size, device)
+
+    steps = sum(len(e) for e in losses)
+    epoch_means = [float(np.mean(e)) if e else None for e in losses]
+    record = {
+        "train": str(train),
+        "train_images": len(images),
+        "classes": len(classes),
+        "epochs": config.epochs,
+        "steps": steps,
+        "world_size": world,
+        "config": dataclasses.asdict(config),
+        "loss": "(1-alpha)*CE(label_smoothing) + alpha*tau^2*KL(teacher/tau || student/tau)",
+        "loss_per_epoch": epoch_means,
+        "loss_first_step": losses[0][0] if steps else None,
+        "loss_last_step": losses[-1][-1] if steps and losses[-1] else None,
+        "masked_tensors": len(masks),
+        "sparsity": f"{sparsity[0]}:{sparsity[1]}" if sparsity else None,
+        "top1_subset": {"images": len(eval_idx), "before": top1_before, "after": top1_after},
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    headline = {
+        "recover_epochs": config.epochs,
+        "recover_steps": steps,
+        "recover_loss_last_epoch": epoch_means[-1],
+        "recover_top1_train_subset_before": top1_before,
+        "recover_top1_train_subset_after": top1_after,
+    }
+    return RecoverResult(student.eval(), record, headline)
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """PIL images or image paths with integer labels, transformed on access."""
+
+    def __init__(self, images: list[Any], labels: np.ndarray, transform: Any):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        item = self.images[index]
+        if isinstance(item, (str, Path)):
+            with Image.open(item) as img:
+                item = img.convert("RGB")
+        return self.transform(item), int(self.labels[index])
+
+
+def load_train_set(train: str | os.PathLike) -> tuple[list[Any], np.ndarray, list[str]]:
+    """("demo" → the digits train split) or an ImageFolder: sorted sub-folder names → classes."""
+    if str(train) == "demo":
+        from mpdeploy.data.digits import NUM_CLASSES, digits_pil_images, load_digits_split
+
+        _, labels = load_digits_split("train")
+        return digits_pil_images("train"), labels, [str(i) for i in range(NUM_CLASSES)]
+    from mpdeploy.data.calibration import IMAGE_SUFFIXES
+
+    root = Path(train)
+    if not root.is_dir():
+        raise UserError(
+            f"--train must be a labelled image folder or 'demo': {root} is not a folder"
+        )
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    paths, labels = [], []
+    for index, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths += files
+        labels += [index] * len(files)
+    if not paths:
+        raise UserError(f"no labelled images in {root} (expected {root}/<class>/<image>)")
+    return paths, np.asarray(labels, dtype=np.int64), classes
+
+
+def train_transform(data_config: Mapping[str, Any], hflip: float):
+    """timm's training transform at the model's size and normalisation, lightly augmented."""
+    import timm
+
+    return timm.data.create_transform(
+        input_size=tuple(data_config["input_size"]),
+        is_training=True,
+        scale=(0.6, 1.0),
+        hflip=hflip,
+        color_jitter=None,
+        auto_augment=None,
+        re_prob=0.0,
+        interpolation=data_config.get("interpolation", "bilinear"),
+        mean=tuple(data_config["mean"]),
+        std=tuple(data_config["std"]),
+    )
+
+
+def _eval_transform(data_config: Mapping[str, Any]):
+    from mpdeploy.data.calibration import eval_transform
+
+    return eval_transform(dict(data_config))
+
+
+def _eval_subset(total: int, size: int, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed).permutation(total)[: min(size, total)])
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    config: RecoverConfig,
+) -> torch.Tensor:
+    ce = F.cross_entropy(student_logits, labels, label_smoothing=config.label_smoothing)
+    kl = F.kl_div(
+        F.log_softmax(student_logits / config.tau, dim=1),
+        F.log_softmax(teacher_logits / config.tau, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return (1.0 - config.alpha) * ce + config.alpha * config.tau**2 * kl
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on ≥2-D weights only: not on biases, norms, position embeddings or tokens."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES
+        (no_decay if skip else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(total_steps: int, config: RecoverConfig):
+    warmup = max(1, int(round(config.warmup_fraction * total_steps)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
+
+    return factor
+
+
+def _train(
+    student: nn.Module,
+    teacher: nn.Module,
+    dataset: LabelledImages,
+    config: RecoverConfig,
+    masks: dict[str, torch.Tensor],
+    device: torch.device,
+    world: int,
+    rank: int,
+) -> list[list[float]]:
+    from tqdm.auto import tqdm
+
+    sampler = None
+    if world > 1:
+        sampler = torch.utils.data.DistributedSampler(
+            dataset, world, rank, shuffle=True, seed=config.seed
+        )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=config.num_workers,
+        drop_last=len(dataset) >= config.batch_size * world,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    total = config.epochs * len(loader)
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    optimizer = torch.optim.AdamW(param_groups(student, config.weight_decay), lr=config.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, config))
+    model = _wrap_ddp(student, device) if world > 1 else student
+    params = dict(student.named_parameters())
+    losses: list[list[float]] = []
+    bar = tqdm(total=total, desc="recover", unit="step", disable=not config.progress or rank != 0)
+    step = 0
+    model.train()
+    for epoch in range(config.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        losses.append([])
+        for images, labels in loader:
+            if step >= total:
+                break
+            images, labels = images.to(device), labels.to(device)
+            with torch.no_grad():
+                teacher_logits = teacher(images)
+            loss = kd_loss(model(images), teacher_logits, labels, config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
+            optimizer.step()
+            schedule.step()
+            _apply_masks(student, masks, params)
+            losses[-1].append(_mean_across_ranks(loss.detach(), world))
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1][-1]:.4f}", epoch=epoch + 1)
+    bar.close()
+    student.eval()
+    return losses
+
+
+def top1(model: nn.Module, dataset: LabelledImages, batch_size: int, device: torch.device) -> float:
+    if len(dataset) == 0:
+        return float("nan")
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    hits = 0
+    with torch.no_grad():
+        for images, labels in loader:
+            hits += int((model(images.to(device)).argmax(1).cpu() == labels).sum())
+    return hits / len(dataset)
+
+
+# --- masks and distribution ---------------------------------------------------------------------
+
+
+def _checked_masks(
+    model: nn.Module, masks: Mapping[str, torch.Tensor] | None, device: torch.device
+) -> dict[str, torch.Tensor]:
+    if not masks:
+        return {}
+    params = dict(model.named_parameters())
+    checked = {}
+    for name, mask in masks.items():
+        if name not in params:
+            raise UserError(f"mask for {name!r}, which is not a parameter of the model")
+        if tuple(mask.shape) != tuple(params[name].shape):
+            raise UserError(
+                f"mask for {name} has shape {tuple(mask.shape)}, the weight {tuple(params[name].shape)}"
+            )
+        checked[name] = mask.to(device=device, dtype=torch.bool)
+    return checked
+
+
+def _apply_masks(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    params: Mapping[str, nn.Parameter] | None = None,
+) -> None:
+    params = params if params is not None else dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            params[name].mul_(mask)
+
+
+def _distributed_env() -> tuple[int, int, int]:
+    """(world size, rank, local rank), initialising the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 1, 0, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return world, dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _device(model: nn.Module, local_rank: int) -> torch.device:
+    if torch.cuda.is_available() and os.environ.get("WORLD_SIZE", "1") != "1":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return next(model.parameters()).device
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def _mean_across_ranks(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        import torch.distributed as dist
+
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world
+    return float(value)
