@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -368,6 +369,9 @@ def doctor():
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Busy-waiting OpenMP threads made MP analysis ~8× slower on a shared 2-core machine; a user
+    # who wants spinning sets OMP_WAIT_POLICY=ACTIVE. Must happen before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         cli.main(args=argv, prog_name="mpdeploy", standalone_mode=False)
     except UserError as exc:

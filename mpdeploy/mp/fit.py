@@ -137,25 +137,35 @@ def as_matrix(weight: Any, name: str | None = None) -> torch.Tensor:
             f"{_label(name)}: shape {mat.shape[0]}×{mat.shape[1]} has fewer than 2 singular values;"
             " an MP fit needs at least 2 rows and 2 columns"
         )
-    if not bool(torch.isfinite(mat).all()):
-        raise UserError(f"{_label(name)}: weight contains NaN or Inf")
-    if not bool(mat.any()):
-        raise UserError(f"{_label(name)}: weight is all zeros, there is no spectrum to fit")
     return mat
 
 
-def _gram(mat: torch.Tensor) -> torch.Tensor:
-    """The p×p gram on the smaller side, divided by in_features, as float64 for the eigensolver."""
+def _gram(mat: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    """The p×p gram on the smaller side, divided by in_features.
+
+    The weight is validated through the gram's diagonal (its row or column sums of squares): every
+    entry lands in one of them, so NaN/Inf or an all-zero weight show there, and scanning the p
+    diagonal entries is far cheaper than scanning the whole weight.
+    """
     rows, cols = mat.shape
     with _threads_for(min(rows, cols)):
         gram = mat @ mat.T if rows <= cols else mat.T @ mat
-    return gram.double() / cols
+    diagonal = gram.diagonal()
+    if not bool(torch.isfinite(diagonal).all()):
+        raise UserError(f"{_label(name)}: weight contains NaN or Inf")
+    if not bool(diagonal.any()):
+        raise UserError(f"{_label(name)}: weight is all zeros, there is no spectrum to fit")
+    return gram / cols
 
 
 def _eigenvalues(grams: list[torch.Tensor]) -> list[np.ndarray]:
-    """Ascending eigenvalues of same-size symmetric grams in one batched LAPACK call."""
+    """Ascending eigenvalues of same-size symmetric grams in one batched LAPACK call.
+
+    Solved in the grams' own precision (float32 for real weights: twice as fast as float64, with
+    eigenvalue errors ~1e-5 of λ_max, far below what the quantile fit resolves), returned as float64.
+    """
     with _threads_for(grams[0].shape[0]):
-        return list(torch.linalg.eigvalsh(torch.stack(grams)).numpy())
+        return [lam.astype(np.float64) for lam in torch.linalg.eigvalsh(torch.stack(grams)).numpy()]
 
 
 @contextlib.contextmanager
@@ -255,7 +265,7 @@ def fit_mp(
     """Fit the MP bulk of one weight matrix (numpy array or torch tensor, 2-D or conv 4-D)."""
     settings = MPFitSettings(alpha, beta, spike_quantile, hill_k, tw_term)
     mat = as_matrix(weight, name)
-    (lam,) = _eigenvalues([_gram(mat)])
+    (lam,) = _eigenvalues([_gram(mat, name)])
     return fit_eigenvalues(lam, *tuple(mat.shape), name=name, settings=settings)
 
 
@@ -271,7 +281,7 @@ def fit_many(
     `fit_kwargs` are those of `fit_mp` (alpha, beta, ...) when no `settings` are given.
     """
     settings = settings or MPFitSettings(**fit_kwargs)
-    # Validate everything before the expensive part; float32 inputs are views, not copies.
+    # Shapes are validated up front; values (NaN/Inf, all zeros) through each gram's diagonal.
     mats = {name: as_matrix(weight, name) for name, weight in weights.items()}
     by_size: dict[int, list[str]] = {}
     for name, mat in mats.items():
@@ -280,7 +290,7 @@ def fit_many(
     for names in by_size.values():
         for i in range(0, len(names), batch_size):
             chunk = names[i : i + batch_size]
-            grams = [_gram(mats[name]) for name in chunk]
+            grams = [_gram(mats[name], name) for name in chunk]
             for name, lam in zip(chunk, _eigenvalues(grams), strict=True):
                 rows, cols = mats[name].shape
                 fits[name] = fit_eigenvalues(lam, rows, cols, name=name, settings=settings)
