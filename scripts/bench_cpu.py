@@ -50,29 +50,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def bench_model(name: str, args, workdir: Path) -> dict:
+    from _prune_step import prune_loaded
+
     from mpdeploy.backends import EngineOptions, get_backend
-    from mpdeploy.data.calibration import load_calibration
     from mpdeploy.export import export_onnx
     from mpdeploy.models import create_model
-    from mpdeploy.prune import PruneConfig, prune_model
     from mpdeploy.prune.macs import count_macs
-    from mpdeploy.spectrum import analyze_model
     from mpdeploy.verify.bench import BatchTiming, TimedRunner, measure_interleaved, random_feed
 
     loaded = create_model(name, args.weights)
     input_shape = tuple(int(v) for v in loaded.data_config["input_size"])
     start = time.perf_counter()
-    calib = load_calibration(
-        args.calib, args.calib_size, loaded.data_config, model_name=loaded.spec.timm_name
-    )
-    spectrum = analyze_model(loaded.model, sparsity=args.target_macs)
-    result = prune_model(
-        loaded.model,
-        calib.images,
-        spectrum,
-        PruneConfig(target_macs=args.target_macs, method=args.method),
-        spec=loaded.spec,
-        input_shape=input_shape,
+    result = prune_loaded(
+        loaded,
+        calib=args.calib,
+        calib_size=args.calib_size,
+        target_macs=args.target_macs,
+        method=args.method,
     )
     prune_seconds = time.perf_counter() - start
     dense_macs = count_macs(loaded.model, (1, *input_shape)).total_macs

@@ -57,22 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def pruned_model(loaded, args):
     """The model with `args.target_macs` of its MACs removed by `prune_model`."""
-    from mpdeploy.data.calibration import load_calibration
-    from mpdeploy.prune import PruneConfig, prune_model
-    from mpdeploy.spectrum import analyze_model
+    from _prune_step import prune_loaded
 
-    input_shape = tuple(loaded.data_config["input_size"])
-    calib = load_calibration(
-        args.calib, args.calib_size, loaded.data_config, model_name=loaded.spec.timm_name
-    )
-    spectrum = analyze_model(loaded.model, sparsity=args.target_macs)
-    result = prune_model(
-        loaded.model,
-        calib.images,
-        spectrum,
-        PruneConfig(target_macs=args.target_macs, method=args.method),
-        spec=loaded.spec,
-        input_shape=input_shape,
+    result = prune_loaded(
+        loaded,
+        calib=args.calib,
+        calib_size=args.calib_size,
+        target_macs=args.target_macs,
+        method=args.method,
     )
     return result.model, result.headline
 

@@ -1,12 +1,9 @@
 """Parity through Polygraphy: a faithful engine passes, a perturbed one fails, the CLI re-checks."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
+from _helpers import polygraphy_recheck
 from onnx import numpy_helper
 
 from mpdeploy.backends import EngineOptions, get_backend
@@ -51,18 +48,7 @@ def test_faithful_engine_passes_and_polygraphy_cli_agrees(exported):
     for name in ("inputs.json", "reference.json", "results.json", "report.json"):
         assert (build / "parity" / name).is_file()
     # The independent re-check, with Polygraphy's own (stricter) default tolerances.
-    polygraphy = str(Path(sys.executable).with_name("polygraphy"))
-    cmd = [
-        polygraphy,
-        "run",
-        "model.onnx",
-        "--onnxrt",
-        "--load-inputs",
-        "parity/inputs.json",
-        "--load-outputs",
-        "parity/reference.json",
-    ]
-    done = subprocess.run(cmd, cwd=build, capture_output=True, text=True, timeout=300)
+    done = polygraphy_recheck(build)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "PASSED" in done.stdout + done.stderr
 

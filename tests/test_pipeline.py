@@ -1,11 +1,10 @@
 """End to end: `mpdeploy build` produces a complete, parity-checked build directory."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _helpers import polygraphy_recheck
 
 from mpdeploy.cli import main
 from mpdeploy.pipeline import BuildOptions, build
@@ -30,26 +29,6 @@ EXPECTED_FILES = [
     "bench.png",
 ]
 FAST_BENCH = ("--bench-batch", "1", "--bench-batch", "4", "--bench-iterations", "30")
-
-
-def polygraphy_recheck(build_dir: Path) -> subprocess.CompletedProcess:
-    polygraphy = str(Path(sys.executable).with_name("polygraphy"))
-    return subprocess.run(
-        [
-            polygraphy,
-            "run",
-            "model.onnx",
-            "--onnxrt",
-            "--load-inputs",
-            "parity/inputs.json",
-            "--load-outputs",
-            "parity/reference.json",
-        ],
-        cwd=build_dir,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def assert_complete(build_dir: Path) -> dict:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import collections
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 from mpdeploy.errors import UserError
+from mpdeploy.export.onnx import save_checked
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,6 @@ FP32_OPS: tuple[str, ...] = (
 )
 # Gelu/Erf/Tanh are bounded and run in fp16: on test_vit, test_convnext and the demo model keeping
 # them fp32 changed the worst logit error by less than the fp16 roundoff (see tests/test_fp16.py).
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 def convert_fp16(onnx_path: str | Path, out_path: str | Path) -> Path:
@@ -56,7 +54,7 @@ def convert_fp16(onnx_path: str | Path, out_path: str | Path) -> Path:
         raise UserError(f"cannot convert to fp16: {onnx_path} does not exist")
     model = onnx.load(str(onnx_path), load_external_data=True)
     converted = convert_model_fp16(model)
-    _save_atomically(converted, out_path)
+    save_checked(converted, out_path, what="fp16 ONNX")
     return out_path
 
 
@@ -125,35 +123,3 @@ def _toposort(graph) -> None:
     if order != list(range(len(nodes))):
         del graph.node[:]
         graph.node.extend(nodes[i] for i in order)
-
-
-def _save_atomically(model, out_path: Path) -> None:
-    import onnx
-
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
-    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".fp16-") as tmp:
-        staged = Path(tmp) / out_path.name
-        if external:
-            onnx.save_model(
-                model,
-                str(staged),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=staged.name + ".data",
-                size_threshold=1024,
-            )
-        else:
-            onnx.save_model(model, str(staged))
-        try:
-            onnx.checker.check_model(str(staged), full_check=True)
-        except onnx.checker.ValidationError as exc:
-            first = (str(exc).strip().splitlines() or ["invalid model"])[0][:200]
-            raise UserError(f"fp16 ONNX failed onnx.checker: {first}") from None
-        # The .data file first, so a reader never sees a model whose weights are missing.
-        target_data = out_path.with_name(out_path.name + ".data")
-        if external:
-            shutil.move(str(staged.with_name(staged.name + ".data")), str(target_data))
-        elif target_data.exists():
-            target_data.unlink()
-        shutil.move(str(staged), str(out_path))

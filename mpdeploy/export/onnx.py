@@ -59,11 +59,7 @@ def export_onnx(
         nodes_before = len(proto.graph.node)
         if slim:
             proto = _slim(proto)
-        staged = Path(tmp) / out_path.name
-        external = proto.ByteSize() > EXTERNAL_DATA_THRESHOLD
-        _save(proto, staged, external)
-        _check(staged)
-        _move_into_place(staged, out_path, external)
+    external = save_checked(proto, out_path, what="exported ONNX")
     size = out_path.stat().st_size + (
         out_path.with_name(out_path.name + ".data").stat().st_size if external else 0
     )
@@ -157,29 +153,34 @@ def _slim(proto):
     return slimmed if slimmed is not None else proto
 
 
-def _save(proto, path: Path, external: bool) -> None:
+def save_checked(proto, out_path: Path, *, what: str = "ONNX") -> bool:
+    """Save `proto` (external data above 1.8 GB), pass onnx.checker, then move into place.
+
+    Returns whether external data was written. Nothing appears at `out_path` unless it checked.
+    """
     import onnx
 
-    if external:
-        onnx.save_model(
-            proto,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=path.name + ".data",
-            size_threshold=1024,
-        )
-    else:
-        onnx.save_model(proto, str(path))
-
-
-def _check(path: Path) -> None:
-    import onnx
-
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise UserError(f"exported ONNX failed onnx.checker: {_first_line(exc)}") from None
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    external = proto.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".onnx-") as tmp:
+        staged = Path(tmp) / out_path.name
+        if external:
+            onnx.save_model(
+                proto,
+                str(staged),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=staged.name + ".data",
+                size_threshold=1024,
+            )
+        else:
+            onnx.save_model(proto, str(staged))
+        try:
+            onnx.checker.check_model(str(staged), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise UserError(f"{what} failed onnx.checker: {_first_line(exc)}") from None
+        _move_into_place(staged, out_path, external)
+    return external
 
 
 def _move_into_place(staged: Path, out_path: Path, external: bool) -> None:
