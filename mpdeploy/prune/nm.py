@@ -1,0 +1,507 @@
+"""N:M structured sparsity TensorRT can use: CAST masks, folded permutations, sparse-MAC accounting.
+
+`sparsify(model, calib_images, SparsityConfig(k, n), input_shape=...)` returns a model whose
+eligible Linear/Conv2d weights keep k of every n along TensorRT's reduction axis (`layout.py`),
+chosen by the calibration-weighted CAST projection (`cast.py`) after channel permutations folded
+into neighbouring layers (`permute.py`). `SparsifyResult.save` writes `sparsity.json` and
+`pruned/masks.safetensors`; `confirm_with_polygraphy` re-checks the exported ONNX independently.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mpdeploy.errors import UserError
+from mpdeploy.fileio import atomic_path, read_json, write_json
+from mpdeploy.prune import cast, permute
+from mpdeploy.prune.layout import LayerLayout, conforms, layer_layouts
+
+log = logging.getLogger(__name__)
+
+METHODS = ("cast", "magnitude")
+SPARSITY_JSON = "sparsity.json"
+MASKS_FILE = Path("pruned") / "masks.safetensors"
+NATIVE_PATTERN = (2, 4)  # the only pattern with a TensorRT sparse kernel (and Polygraphy check)
+NOT_CHECKABLE = "not checkable (only 2:4 has a TensorRT kernel)"
+POLYGRAPHY_TIMEOUT_S = 1800
+_FOUND = re.compile(r"Found (sparse|non-sparse) tensor: (\S+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityConfig:
+    k: int
+    n: int
+    method: str = "cast"  # "cast" | "magnitude"
+    permute: bool = True
+    include_classifier: bool = False
+    max_rows: int = 4096  # calibration rows per layer for C_g (tokens or im2col patches)
+    seed: int = 0
+    permute_images: int = 32  # images for the channel energies E[h²] that rank channels
+    batch_size: int = 32
+
+    def __post_init__(self):
+        if not 0 < self.k < self.n <= 16:
+            raise UserError(f"sparsity {self.k}:{self.n}: need 0 < k < n ≤ 16")
+        if self.method not in METHODS:
+            raise UserError(f"unknown sparsity method '{self.method}': use {' or '.join(METHODS)}")
+        if self.max_rows < 1:
+            raise UserError(f"max_rows must be at least 1 (got {self.max_rows})")
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.k}:{self.n}"
+
+
+@dataclasses.dataclass
+class SparsifyResult:
+    model: nn.Module
+    report: dict[str, Any]  # the content of sparsity.json
+    headline: dict[str, Any]
+    masks: dict[str, torch.Tensor]  # state_dict weight name → bool keep-mask
+
+    def save(self, build_dir: str | os.PathLike) -> list[Path]:
+        """Write `sparsity.json` and `pruned/masks.safetensors` into `build_dir`, atomically."""
+        build_dir = Path(build_dir)
+        return [
+            save_masks(self.masks, build_dir),
+            write_json(build_dir / SPARSITY_JSON, self.report),
+        ]
+
+
+# --- masks on disk and in the model -----------------------------------------------------------
+
+
+def save_masks(masks: dict[str, torch.Tensor], build_dir: str | os.PathLike) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(build_dir) / MASKS_FILE
+    with atomic_path(path) as tmp:
+        save_file({k: v.to(torch.bool).contiguous() for k, v in masks.items()}, str(tmp))
+    return path
+
+
+def load_masks(build_dir: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The masks saved by `SparsifyResult.save`, or None when the build has no sparsity."""
+    from safetensors.torch import load_file
+
+    path = Path(build_dir) / MASKS_FILE
+    return (
+        {k: v.to(torch.bool) for k, v in load_file(str(path)).items()} if path.is_file() else None
+    )
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """Zero every weight entry whose mask is False (in place); call after each optimiser step."""
+    with torch.no_grad():
+        for name, mask in masks.items():
+            try:
+                param = model.get_parameter(name)
+            except AttributeError:
+                raise UserError(
+                    f"mask for {name} does not match any parameter of the model"
+                ) from None
+            if tuple(param.shape) != tuple(mask.shape):
+                raise UserError(
+                    f"mask for {name} has shape {tuple(mask.shape)}, weight {tuple(param.shape)}"
+                )
+            param.masked_fill_(~mask.to(param.device, torch.bool), 0.0)
+    return model
+
+
+# --- the sparsify stage -------------------------------------------------------------------------
+
+
+def sparsify(
+    model: nn.Module,
+    calib_images: torch.Tensor,
+    config: SparsityConfig,
+    *,
+    input_shape: tuple[int, ...],
+) -> SparsifyResult:
+    """k:n-sparsify a copy of `model`; the report holds per-layer eligibility, sparsity and MACs."""
+    model = copy.deepcopy(model).eval()
+    images = calib_images.float()
+    timing: dict[str, float] = {}
+    layouts = layer_layouts(
+        model, config.n, include_classifier=config.include_classifier, image_channels=input_shape[0]
+    )
+    _require_eligible(model, layouts, config)
+    eligible = {lay.name: lay.eligible for lay in layouts}
+
+    start = time.perf_counter()
+    permutations = _permute(model, images, config, eligible) if config.permute else []
+    timing["permutation_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    names = [lay.name for lay in layouts if lay.eligible]
+    moments, dense_logits = cast.capture_group_moments(
+        model,
+        names,
+        images,
+        config.n,
+        max_rows=config.max_rows,
+        seed=config.seed,
+        batch_size=config.batch_size,
+    )
+    timing["capture_s"] = time.perf_counter() - start
+    layouts = [
+        _unexecuted(lay) if lay.eligible and lay.name not in moments else lay for lay in layouts
+    ]
+    _require_eligible(model, layouts, config)
+
+    start = time.perf_counter()
+    projections = _project(model, layouts, moments, config)
+    masks = {lay.param: projections[lay.name].mask for lay in layouts if lay.eligible}
+    apply_masks(model, masks)
+    timing["projection_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    sparse_logits = _logits(model, images, config.batch_size)
+    certificate = _certificate(dense_logits, sparse_logits)
+    timing["certificate_s"] = time.perf_counter() - start
+
+    report = build_report(
+        model,
+        layouts,
+        projections,
+        permutations,
+        certificate,
+        config,
+        input_shape=input_shape,
+        calibration_images=images.shape[0],
+    )
+    report["timing_s"] = {key: round(value, 3) for key, value in timing.items()}
+    return SparsifyResult(model, report, headline_of(report), masks)
+
+
+def _project(
+    model: nn.Module,
+    layouts: list[LayerLayout],
+    moments: dict[str, cast.GroupMoments],
+    config: SparsityConfig,
+) -> dict[str, cast.Projection]:
+    return {
+        lay.name: cast.project(
+            model.get_parameter(lay.param),
+            moments[lay.name].mean,
+            config.k,
+            config.n,
+            method=config.method,
+            seed=config.seed,
+        )
+        for lay in layouts
+        if lay.eligible
+    }
+
+
+def _require_eligible(model: nn.Module, layouts: list[LayerLayout], config: SparsityConfig) -> None:
+    if any(lay.eligible for lay in layouts):
+        return
+    reasons = sorted({lay.reason for lay in layouts if lay.reason})
+    raise UserError(
+        f"--sparsity {config.pattern}: no layer of {type(model).__name__} can hold it "
+        f"({'; '.join(reasons[:3]) or 'it has no Linear/Conv2d layers'})"
+    )
+
+
+def _unexecuted(lay: LayerLayout) -> LayerLayout:
+    reason = "never ran as a module in the calibration pass (weight used elsewhere)"
+    return dataclasses.replace(lay, eligible=False, reason=reason)
+
+
+def _permute(model, images, config, eligible) -> list[permute.PermutationRecord]:
+    from mpdeploy.prune.adapters import get_adapter
+
+    try:
+        groups = get_adapter(model).channel_groups(model)
+    except UserError as exc:
+        log.warning("no channel permutation for k:n: %s", exc)
+        return [permute.PermutationRecord("*", "-", "-", False, f"no adapter: {exc}")]
+    consumers = sorted(
+        {
+            g.consumer_module
+            for g in groups
+            if permute.why_not_permutable(g, config.n, eligible) is None
+        }
+    )
+    subset = _subset(images, config.permute_images, config.seed)
+    energy = cast.capture_channel_energy(model, consumers, subset, batch_size=config.batch_size)
+    return permute.permute_groups(model, groups, energy, config.n, eligible)
+
+
+def _subset(images: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    if images.shape[0] <= count:
+        return images
+    generator = torch.Generator().manual_seed(seed)
+    return images[torch.randperm(images.shape[0], generator=generator)[:count].sort().values]
+
+
+def _logits(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat(
+            [model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        ).float()
+
+
+def _certificate(dense: torch.Tensor, sparse: torch.Tensor) -> dict[str, Any]:
+    from mpdeploy.verify.certificate import margin_certificate
+
+    return margin_certificate(dense.numpy(), sparse.numpy())
+
+
+# --- accounting -------------------------------------------------------------------------------
+
+
+def build_report(
+    model: nn.Module,
+    layouts: list[LayerLayout],
+    projections: dict[str, cast.Projection],
+    permutations: list[permute.PermutationRecord],
+    certificate: dict[str, Any],
+    config: SparsityConfig,
+    *,
+    input_shape: tuple[int, ...],
+    calibration_images: int,
+) -> dict[str, Any]:
+    """sparsity.json: per layer pattern, eligibility, achieved sparsity, MACs; totals (brief §6)."""
+    from mpdeploy.prune.macs import count_macs, mac_reduction, sparse_execution_macs
+    from mpdeploy.prune.macs import theoretical_speedup as speedup_of
+
+    macs = count_macs(model, (1, *input_shape))
+    layer_macs = {layer.name: layer.macs for layer in macs.layers}
+    keep = config.k / config.n
+    layers = []
+    for lay in layouts:
+        weight = model.get_parameter(lay.param).detach()
+        dense = int(layer_macs.get(lay.name, 0))
+        record: dict[str, Any] = {
+            "name": lay.name,
+            "param": lay.param,
+            "kind": lay.kind,
+            "shape": list(lay.shape),
+            "eligible": lay.eligible,
+            "reason": lay.reason,
+            "pattern": config.pattern if lay.eligible else "dense",
+            "achieved_sparsity": float((weight == 0).double().mean()),
+            "dense_macs": dense,
+            "sparse_execution_macs": dense * keep if lay.eligible else dense,
+            "theoretical_speedup": 1.0 / keep if lay.eligible else 1.0,
+        }
+        if lay.eligible:
+            record["conforms"] = conforms(weight, config.k, config.n)
+            record["dropped_output_energy"] = projections[lay.name].dropped_fraction
+        layers.append(record)
+    eligible_macs = sum(r["dense_macs"] for r in layers if r["eligible"])
+    sparse_macs = sparse_execution_macs(macs.total_macs, eligible_macs, config.k, config.n)
+    reduction = mac_reduction(macs.total_macs, sparse_macs)
+    eligible_params = [model.get_parameter(r["param"]).detach() for r in layers if r["eligible"]]
+    zeros = sum(int((w == 0).sum()) for w in eligible_params)
+    return {
+        "pattern": config.pattern,
+        "k": config.k,
+        "n": config.n,
+        "method": config.method,
+        "permute": config.permute,
+        "include_classifier": config.include_classifier,
+        "max_rows": config.max_rows,
+        "seed": config.seed,
+        "calibration_images": calibration_images,
+        "layout": "TensorRT: Linear along in_features per output row; Conv2d along Cin per "
+        "output channel and kernel pixel",
+        "mac_model": "1 MAC = 1 multiply-add, measured by mpdeploy.prune.macs.count_macs at "
+        f"input {[1, *input_shape]}; attention matmuls and ineligible layers stay dense",
+        "layers": layers,
+        "permutations": [dataclasses.asdict(p) for p in permutations],
+        "totals": {
+            "layers": len(layers),
+            "sparse_layers": sum(r["eligible"] for r in layers),
+            "ineligible_layers": sum(not r["eligible"] for r in layers),
+            "eligible_weight_sparsity": zeros / max(1, sum(w.numel() for w in eligible_params)),
+            "dense_macs": macs.total_macs,
+            "eligible_macs": eligible_macs,
+            "sparse_execution_macs": sparse_macs,
+            "sparse_mac_reduction": reduction,
+            "theoretical_speedup": speedup_of(reduction),
+            "permuted_groups": sum(p.permuted for p in permutations),
+        },
+        "certificate": certificate,
+        "polygraphy": None,
+    }
+
+
+def headline_of(report: dict[str, Any]) -> dict[str, Any]:
+    totals, cert = report["totals"], report["certificate"]
+    return {
+        "sparsity_pattern": report["pattern"],
+        "sparsity_method": report["method"],
+        "sparse_layers": totals["sparse_layers"],
+        "ineligible_layers": totals["ineligible_layers"],
+        "sparsity_permuted_groups": totals["permuted_groups"],
+        "sparse_execution_macs": totals["sparse_execution_macs"],
+        "sparse_mac_reduction": totals["sparse_mac_reduction"],
+        "theoretical_speedup": totals["theoretical_speedup"],
+        "sparsity_logit_perturbation_max": cert["max_logit_perturbation"],
+        "sparsity_certified_fraction": cert["certified_fraction"],
+        "sparsity_top1_agreement": cert["top1_agreement"],
+    }
+
+
+# --- the independent check ----------------------------------------------------------------------
+
+
+def confirm_with_polygraphy(
+    onnx_path: str | os.PathLike,
+    build_dir: str | os.PathLike,
+    *,
+    timeout_s: float = POLYGRAPHY_TIMEOUT_S,
+) -> dict[str, Any]:
+    """Run `polygraphy inspect sparsity` on the ONNX, record its verdict per weight in sparsity.json.
+
+    A UserError if any layer reported as 2:4 is not confirmed sparse by Polygraphy. Other patterns
+    have no TensorRT kernel and no checker: they are recorded as not checkable.
+    """
+    build_dir = Path(build_dir)
+    report_path = build_dir / SPARSITY_JSON
+    if not report_path.is_file():
+        raise UserError(f"{build_dir} has no {SPARSITY_JSON} (run the sparsify stage first)")
+    report = read_json(report_path)
+    sparse_layers = [r for r in report["layers"] if r["eligible"]]
+    if (report["k"], report["n"]) != NATIVE_PATTERN:
+        for layer in report["layers"]:
+            layer["polygraphy"] = NOT_CHECKABLE
+        report["polygraphy"] = {"verdict": NOT_CHECKABLE}
+        write_json(report_path, report)
+        return {"polygraphy_sparsity": NOT_CHECKABLE}
+
+    verdicts = run_polygraphy_sparsity(Path(onnx_path), timeout_s=timeout_s)
+    matches = match_initializers(Path(onnx_path), build_dir, report["layers"])
+    by_param = {
+        param: verdicts.get(name, "not checked by Polygraphy (axis not a multiple of 4)")
+        for name, param in matches.items()
+    }
+    for layer in report["layers"]:
+        layer["polygraphy"] = by_param.get(layer["param"], "no ONNX weight matched")
+    confirmed = [r["name"] for r in sparse_layers if r["polygraphy"] == "sparse"]
+    failed = [r["name"] for r in sparse_layers if r["polygraphy"] != "sparse"]
+    report["polygraphy"] = {
+        "tool": f"polygraphy inspect sparsity ({_polygraphy_version()})",
+        "onnx": Path(onnx_path).name,
+        "verdict": "pass" if not failed else "fail",
+        "tensors": [
+            {"onnx": name, "verdict": verdict, "param": matches.get(name)}
+            for name, verdict in verdicts.items()
+        ],
+        "confirmed_layers": len(confirmed),
+        "unconfirmed_layers": failed,
+    }
+    write_json(report_path, report)
+    if failed:
+        raise UserError(
+            f"Polygraphy does not confirm 2:4 in {len(failed)} of {len(sparse_layers)} sparse "
+            f"layers of {Path(onnx_path).name} (first: {failed[0]}: {_verdict(report, failed[0])})"
+        )
+    return {
+        "polygraphy_sparsity": "pass",
+        "polygraphy_sparse_layers": len(confirmed),
+        "polygraphy_sparse_tensors": sum(v == "sparse" for v in verdicts.values()),
+    }
+
+
+def _verdict(report: dict[str, Any], name: str) -> str:
+    return next(r["polygraphy"] for r in report["layers"] if r["name"] == name)
+
+
+def _polygraphy_version() -> str:
+    import polygraphy
+
+    return polygraphy.__version__
+
+
+def run_polygraphy_sparsity(onnx_path: Path, *, timeout_s: float) -> dict[str, str]:
+    """ONNX initializer name → "sparse" | "non-sparse", for every tensor Polygraphy checked.
+
+    The CLI runs in a subprocess of this interpreter (the console script's own entry point), so
+    the check is the one a user would run, bounded by `timeout_s`.
+    """
+    entry = "import sys; from polygraphy.tools import main; sys.argv[0] = 'polygraphy'; sys.exit(main())"
+    command = [sys.executable, "-c", entry, "inspect", "sparsity", str(onnx_path)]
+    env = dict(os.environ, POLYGRAPHY_AUTOINSTALL_DEPS="0")
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout_s, env=env, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise UserError(
+            f"polygraphy inspect sparsity did not finish within {timeout_s:.0f} s on {onnx_path.name}"
+        ) from None
+    output = done.stdout + done.stderr
+    if done.returncode != 0:
+        tail = output.strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"polygraphy inspect sparsity failed on {onnx_path.name}: {tail[0][:200]}")
+    return {m.group(2): m.group(1) for m in _FOUND.finditer(output)}
+
+
+def match_initializers(
+    onnx_path: Path, build_dir: Path, layers: list[dict[str, Any]]
+) -> dict[str, str]:
+    """ONNX initializer name → torch parameter name for the weights of `layers`.
+
+    By name first (the dynamo exporter keeps `blocks.0.mlp.fc1.weight`); then by content, in
+    passes of falling strictness over the weight or its transpose (MatMul constants such as
+    `val_51` or `onnx::MatMul_123`): the same values; the same zeros (a Conv with BatchNorm folded
+    in scales each output channel but keeps its zeros); a superset of its zeros (a folded
+    BatchNorm with zero scale, as in zero-initialised residual branches); the only unmatched weight
+    of that shape. A content pass matches only when exactly one parameter qualifies.
+    """
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.numpy import load_file
+
+    state = load_file(str(build_dir / "pruned" / "model.safetensors"))
+    weights = {r["param"]: state[r["param"]] for r in layers if r["param"] in state}
+    proto = onnx.load(str(onnx_path), load_external_data=True)
+    arrays = {
+        t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if len(t.dims) in (2, 4)
+    }
+    matches = {name: name for name in arrays if name in weights}
+    for same in _CONTENT_PASSES:
+        for name, array in arrays.items():
+            if name in matches:
+                continue
+            taken = set(matches.values())
+            found = {
+                param
+                for param, view in _views(weights)
+                if param not in taken and view.shape == array.shape and same(view, array)
+            }
+            if len(found) == 1:
+                matches[name] = found.pop()
+    return matches
+
+
+def _views(weights: dict[str, np.ndarray]):
+    for param, weight in weights.items():
+        yield param, weight
+        if weight.ndim == 2:
+            yield param, weight.T
+
+
+_CONTENT_PASSES = (
+    lambda w, a: np.array_equal(w.astype(a.dtype), a),
+    lambda w, a: np.array_equal(w == 0, a == 0),
+    lambda w, a: bool(np.all(a[w == 0] == 0)),
+    lambda w, a: True,
+)
