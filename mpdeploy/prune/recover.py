@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import os
+import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -77,6 +78,9 @@ def recover(
     world, rank, local_rank = _distributed_env()
     device = _device(student, local_rank)
     torch.manual_seed(config.seed + rank)
+    # timm's train transforms draw from Python's and numpy's global generators
+    random.seed(config.seed + rank)
+    np.random.seed(config.seed + rank)
     student.to(device)
     teacher.to(device).eval()
     if masks is None and sparsity is not None:
@@ -287,7 +291,12 @@ def _train(
     model = _wrap_ddp(student, device) if world > 1 else student
     params = dict(student.named_parameters())
     losses: list[list[float]] = []
-    bar = tqdm(total=total, desc="recover", unit="step", disable=not config.progress or rank != 0)
+    bar = tqdm(
+        total=total,
+        desc="recover",
+        unit="step",
+        disable=None if config.progress and rank == 0 else True,
+    )
     step = 0
     model.train()
     for epoch in range(config.epochs):
