@@ -2,11 +2,17 @@
 
     python scripts/prune_eval.py                      # mp, magnitude, random (3 seeds), taylor
     python scripts/prune_eval.py --targets 0.5 --recover-epochs 0
+    python scripts/prune_eval.py --validation 300 --methods mp mp_absolute --recover-epochs 0
 
 Dense and pruned models are scored on the digits held-out test split (360 images), preprocessed
 with the model's eval transform; calibration is the builtin 256-image digits batch. Recovery is
 `recover(..., train="demo")` (the digits train split only). Writes JSON and the results block of
 docs/pruning.md.
+
+`--validation N` scores on the LAST N images of the digits *train* split instead (for choosing
+between criterion variants without touching the test split; the calibration batch is drawn from
+the train split too and may overlap it). Its JSON goes under the "validation" key of --out-json
+and its table into the `prune-eval-validation` block of the doc; the test results are kept.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import mpdeploy.models  # noqa: E402,F401  (torchvision shim before timm)
 
 MARKER = "prune-eval"
+VALIDATION_MARKER = "prune-eval-validation"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recover-epochs", type=int, default=1, help="0 skips recovery")
     parser.add_argument("--calib-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--validation",
+        type=int,
+        default=0,
+        metavar="N",
+        help="score on the last N digits train images (model selection), not the test split",
+    )
     parser.add_argument("--out-json", type=Path, default=REPO_ROOT / "docs" / "pruning-eval.json")
     parser.add_argument("--doc", type=Path, default=REPO_ROOT / "docs" / "pruning.md")
     return parser.parse_args(argv)
@@ -59,15 +73,20 @@ def replace_block(doc: Path, marker: str, body: str) -> None:
     doc.write_text(text)
 
 
-def held_out_set(data_config: dict):
+def held_out_set(data_config: dict, validation: int = 0):
+    """The digits test split, or (validation > 0) the last `validation` train images."""
     import torch
 
     from mpdeploy.data.calibration import eval_transform
     from mpdeploy.data.digits import digits_pil_images, load_digits_split
 
     transform = eval_transform(data_config)
-    _, labels = load_digits_split("test")
-    images = torch.stack([transform(img) for img in digits_pil_images("test")])
+    split = "train" if validation else "test"
+    _, labels = load_digits_split(split)
+    pil = digits_pil_images(split)
+    if validation:
+        pil, labels = pil[-validation:], labels[-validation:]
+    images = torch.stack([transform(img) for img in pil])
     return images, torch.from_numpy(labels)
 
 
@@ -93,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
     loaded = create_model(DEMO_MODEL, weights=args.weights)
     dense = loaded.model
     calib = load_calibration("builtin", args.calib_size, loaded.data_config, model_name=DEMO_MODEL)
-    images, labels = held_out_set(loaded.data_config)
+    images, labels = held_out_set(loaded.data_config, args.validation)
     rows = []
     dense_top1 = top1(dense, images, labels)
     print(f"dense top-1 {dense_top1:.4f}", flush=True)
@@ -140,6 +159,9 @@ def run(args: argparse.Namespace) -> dict:
         "python": platform.python_version(),
         "weights": loaded.weights_source,
         "calibration": {"origin": calib.origin, "count": len(calib), "sha256": calib.sha256},
+        "eval_set": (
+            f"digits train[-{args.validation}:] (validation)" if args.validation else "digits test"
+        ),
         "test_images": int(labels.numel()),
         "dense_top1": dense_top1,
         "recover_epochs": args.recover_epochs,
@@ -161,6 +183,12 @@ def summarise(rows: list[dict], key: str) -> dict[tuple[float, str], tuple[float
     return out
 
 
+def where(payload: dict) -> str:
+    if payload.get("eval_set", "digits test") == "digits test":
+        return "held-out digits (test split)"
+    return "VALIDATION images (the last ones of the digits train split; not the test split)"
+
+
 def markdown(payload: dict) -> str:
     rows = payload["rows"]
     plain = summarise(rows, "top1")
@@ -169,8 +197,8 @@ def markdown(payload: dict) -> str:
     reduction = summarise(rows, "mac_reduction")
     lines = [
         f"Measured {payload['date']}: bundled demo ViT ({payload['weights']} weights), "
-        f"dense top-1 **{payload['dense_top1']:.2%}** on the {payload['test_images']} held-out "
-        f"digits; calibration {payload['calibration']['count']} builtin digits images; "
+        f"dense top-1 **{payload['dense_top1']:.2%}** on the {payload['test_images']} "
+        f"{where(payload)}; calibration {payload['calibration']['count']} builtin digits images; "
         f"recovery {payload['recover_epochs']} epoch(s) of KD on the digits train split. "
         "Random: mean ± std over seeds. Command: `" + payload["command"] + "`.",
         "",
@@ -196,8 +224,19 @@ def markdown(payload: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     payload = run(args)
-    args.out_json.write_text(json.dumps(payload, indent=2) + "\n")
-    replace_block(args.doc, MARKER, markdown(payload))
+    previous = json.loads(args.out_json.read_text()) if args.out_json.is_file() else {}
+    if args.validation:
+        stored = {**previous, "validation": payload} if previous else {"validation": payload}
+        marker = VALIDATION_MARKER
+    else:
+        stored = (
+            {**payload, "validation": previous["validation"]}
+            if "validation" in previous
+            else payload
+        )
+        marker = MARKER
+    args.out_json.write_text(json.dumps(stored, indent=2) + "\n")
+    replace_block(args.doc, marker, markdown(payload))
     print(markdown(payload))
     return 0
 

@@ -14,7 +14,13 @@ from mpdeploy.errors import UserError
 from mpdeploy.models.spec import ModelSpec
 from mpdeploy.prune import PruneConfig, prune_model
 from mpdeploy.prune.adapters import get_adapter
-from mpdeploy.prune.criteria import CRITERIA, MPCriterion, ScoringContext, TaylorCriterion
+from mpdeploy.prune.criteria import (
+    CRITERIA,
+    MPAbsoluteCriterion,
+    MPCriterion,
+    ScoringContext,
+    TaylorCriterion,
+)
 from mpdeploy.prune.macs import count_macs
 from mpdeploy.prune.planner import MIN_CHANNELS
 
@@ -49,11 +55,14 @@ def consumer_inputs(model, module_name, calib):
     return torch.cat(captured)
 
 
-def test_mp_score_is_the_units_output_energy_over_the_budget_weight(demo):
+def test_absolute_mp_score_is_the_units_output_energy_over_the_budget_weight(demo):
+    # The residual-normalised default is checked by hand in test_prune_criteria.py.
     model, calib = demo
     groups = get_adapter(model).channel_groups(model)
     weights = {"blocks.1.attn.proj": 2.0, "blocks.1.mlp.fc2": 0.5}
-    scores = MPCriterion().unit_scores(model, groups, ScoringContext(calib, weights, batch_size=5))
+    scores = MPAbsoluteCriterion().unit_scores(
+        model, groups, ScoringContext(calib, weights, batch_size=5)
+    )
     proj, fc2 = model.blocks[1].attn.proj, model.blocks[1].mlp.fc2
     h = consumer_inputs(model, "blocks.1.attn.proj", calib).reshape(-1, proj.in_features)
     head_dim = model.blocks[1].attn.head_dim

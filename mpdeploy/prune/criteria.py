@@ -5,8 +5,12 @@ compared through exactly the same code. Low score = removed first.
 
 - `mp` (default): the unit's mean squared contribution to its consumer's output on the
   calibration batch, E‖W_out[:, u] · h_u(x)‖² (the ℓ² logit-effect proxy of brief §5.1, applied
-  to whole units), divided by the consumer layer's MP budget weight (brief §2.3): layers with a
-  high σ+ have weight > 1 and are cut more.
+  to whole units), divided by E‖x_res‖², the per-token/position energy of the residual stream its
+  block adds to (input of `group.residual_module`; skipped where that is None, e.g. ResNets): a
+  pre-norm LayerNorm divides the stream by its norm, so a change δ matters as δ/‖x‖. Then divided
+  by the consumer layer's MP budget weight (brief §2.3): high σ+ ⇒ weight > 1 ⇒ cut more.
+- `mp_absolute`: the same without the E‖x_res‖² division (the original `mp`; API only, kept so
+  the comparison in docs/pruning.md is reproducible).
 - `magnitude`: the squared L2 norm of the unit's parameters (producer rows, norms, consumer
   columns); squared so that it adds up over a unit's channels like the MACs it is divided by.
 - `random`: a seeded random removal order: uniform scores times each unit's MAC cost, so that
@@ -85,25 +89,53 @@ class MagnitudeCriterion(Criterion):
 
 
 class MPCriterion(Criterion):
-    """E‖W_out[:, u] h_u‖² / w_ℓ, from the within-unit second moments of the consumer input."""
+    """E‖W_out[:, u] h_u‖² / E‖x_res‖² / w_ℓ from the within-unit second moments of the consumer
+    input and the residual-stream energy at the group's `residual_module` (same calibration pass).
+
+    `residual_normalised = False` (the `mp_absolute` variant) drops the E‖x_res‖² division.
+    """
 
     name = "mp"
     min_calibration = 2
+    residual_normalised: ClassVar[bool] = True
 
     def unit_scores(self, model, groups, ctx):
         moments = {g.name: _SecondMoment(model, g, ctx) for g in groups}
+        residuals = {
+            g.residual_module: _ResidualEnergy()
+            for g in groups
+            if self.residual_normalised and g.residual_module is not None
+        }
 
         def observe(group: ChannelGroup, module: nn.Module, x: torch.Tensor) -> None:
             moments[group.name].add(x.detach())
 
-        with torch.no_grad(), _consumer_inputs(model, groups, observe):
+        with (
+            torch.no_grad(),
+            _consumer_inputs(model, groups, observe),
+            _residual_inputs(model, residuals),
+        ):
             for batch in _batches(ctx):
                 model(batch)
         weights = dict(ctx.budget_weights)
-        return {
-            g.name: moments[g.name].output_energy() / float(weights.get(g.consumer_module, 1.0))
-            for g in groups
-        }
+        scores = {}
+        for g in groups:
+            residual = (
+                residuals[g.residual_module].mean() if g.residual_module in residuals else 1.0
+            )
+            weight = float(weights.get(g.consumer_module, 1.0))
+            scores[g.name] = moments[g.name].output_energy() / (residual * weight)
+        return scores
+
+
+class MPAbsoluteCriterion(MPCriterion):
+    """The original `mp` score, E‖W_out[:, u] h_u‖² / w_ℓ, without the residual normalisation.
+
+    Kept for reproducing the comparison in docs/pruning.md; not offered by the CLI.
+    """
+
+    name = "mp_absolute"
+    residual_normalised = False
 
 
 class TaylorCriterion(Criterion):
@@ -135,7 +167,14 @@ class TaylorCriterion(Criterion):
 
 
 CRITERIA: dict[str, type[Criterion]] = {
-    c.name: c for c in (MPCriterion, MagnitudeCriterion, RandomCriterion, TaylorCriterion)
+    c.name: c
+    for c in (
+        MPCriterion,
+        MPAbsoluteCriterion,
+        MagnitudeCriterion,
+        RandomCriterion,
+        TaylorCriterion,
+    )
 }
 
 
@@ -195,6 +234,26 @@ class _SecondMoment:
         return energy.clamp_min(0).numpy()
 
 
+class _ResidualEnergy:
+    """E‖x‖² of a residual stream per token / spatial position (sum over channels, mean over
+    images and positions), accumulated in float64."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.positions = 0
+
+    def add(self, module: nn.Module, x: torch.Tensor) -> None:
+        channel_dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+        per_position = x.detach().double().pow(2).sum(channel_dim)
+        self.total += float(per_position.sum())
+        self.positions += per_position.numel()
+
+    def mean(self) -> float:
+        if self.positions == 0:
+            raise RuntimeError("residual module never ran during calibration")
+        return max(self.total / self.positions, 1e-30)
+
+
 def _per_sample_channel_sums(module: nn.Module, values: torch.Tensor) -> torch.Tensor:
     """Sum a consumer input over positions: (B, …, C) for Linear, (B, C, H, W) for Conv2d."""
     if isinstance(module, nn.Linear):
@@ -217,6 +276,23 @@ def _consumer_inputs(
             observe(group, mod, inputs[0])
 
         handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _residual_inputs(model: nn.Module, energies: Mapping[str, _ResidualEnergy]) -> Iterator[None]:
+    """Accumulate the input energy of each named module (a forward pre-hook per module)."""
+    handles = []
+    for name, energy in energies.items():
+
+        def hook(mod, inputs, energy=energy):
+            energy.add(mod, inputs[0])
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     try:
         yield
     finally:

@@ -30,6 +30,10 @@ class ChannelGroup:
     consumers: tuple[ParamSlice, ...]
     consumer_module: str  # module whose input (or input projection) carries these channels
     min_units: int = 1  # never cut below this many units
+    # Optional: module whose *input* is the residual stream this group's block adds to (ViT:
+    # `blocks.i.norm1`/`norm2`, ConvNeXt: the block's `conv_dw`, ResNet: the block's `conv1`).
+    # Read by the `mp` criterion's residual normalisation; None = unknown (no normalisation).
+    residual_module: str | None = None
 
     @property
     def units(self) -> int:

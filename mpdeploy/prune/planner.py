@@ -128,7 +128,7 @@ def prune_model(
         "round_to": config.round_to,
         "seed": config.seed,
         "budget_weights_from": "spectrum" if ctx.budget_weights else "none (all 1.0)",
-        "uses_budget_weights": config.method == "mp",
+        "uses_budget_weights": config.method in ("mp", "mp_absolute"),
         "mac_iterations": trials,
         "groups": [
             group_record(g, scores[g.name], removed.get(g.name, set()), unit_macs[g.name], ctx)

@@ -8,6 +8,8 @@ the removed channels are zero (their fc1 rows and bias, and their GRN gamma/beta
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -63,11 +65,14 @@ class ConvNeXtAdapter(Adapter):
             for b, block in enumerate(stage.blocks):
                 path = f"stages.{s}.blocks.{b}.mlp"
                 if type(block.mlp) is GlobalResponseNormMlp:
-                    groups.append(mlp_hidden_group(model, path, extra_producers=GRN_PARAMS))
+                    group = mlp_hidden_group(model, path, extra_producers=GRN_PARAMS)
                 elif type(block.mlp) is Mlp and isinstance(block.mlp.norm, nn.Identity):
-                    groups.append(mlp_hidden_group(model, path))
+                    group = mlp_hidden_group(model, path)
                 else:
                     raise UserError(f"structured pruning: unsupported ConvNeXt MLP at {path}")
+                # the block input (= the shortcut the MLP output is added to) enters conv_dw
+                residual = f"stages.{s}.blocks.{b}.conv_dw"
+                groups.append(dataclasses.replace(group, residual_module=residual))
         return groups
 
     def after_cut(self, model: nn.Module, group: ChannelGroup, width: int) -> None:

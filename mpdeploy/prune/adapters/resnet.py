@@ -36,6 +36,10 @@ def conv_bn_group(block: nn.Module, path: str, conv: str, bn: str, consumer: str
         consumers=(ParamSlice(f"{path}.{consumer}.weight", 1),),
         consumer_module=f"{path}.{consumer}",
         min_units=1,
+        # residual_module stays None: no LayerNorm divides a ResNet's residual stream by its norm,
+        # and normalising by the block input's energy made test_resnet's pruned logits worse
+        # (docs/pruning.md), so `mp` uses the absolute output energy here.
+        residual_module=None,
     )
 
 

@@ -7,6 +7,8 @@ the head, so its softmax output is 0 whatever the (shared) q_norm/k_norm do: the
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from mpdeploy.errors import UserError
@@ -29,11 +31,14 @@ class ViTAdapter(Adapter):
         groups = []
         for i, block in enumerate(model.blocks):
             path = f"blocks.{i}"
-            groups.append(self._head_group(block.attn, f"{path}.attn"))
+            # residual_module: the pre-norm LayerNorm whose input is the stream the block adds to
+            head_group = self._head_group(block.attn, f"{path}.attn")
+            groups.append(dataclasses.replace(head_group, residual_module=f"{path}.norm1"))
             if type(block.mlp) is not Mlp:
                 raise UserError(f"structured pruning supports timm Mlp blocks only ({path}.mlp)")
             require_identity(block.mlp.norm, "a norm inside the MLP", path)
-            groups.append(mlp_hidden_group(model, f"{path}.mlp"))
+            mlp_group = mlp_hidden_group(model, f"{path}.mlp")
+            groups.append(dataclasses.replace(mlp_group, residual_module=f"{path}.norm2"))
         return groups
 
     def _head_group(self, attn: nn.Module, path: str) -> ChannelGroup:

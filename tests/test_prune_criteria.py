@@ -1,0 +1,129 @@
+"""The `mp` criterion's residual normalisation: E‖W_out[:, u] h_u‖² / E‖x_res‖² / w_ℓ."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_prune_fixtures import FAMILY_CASES, input_size, make_model
+
+from mpdeploy.prune.adapters import get_adapter
+from mpdeploy.prune.criteria import (
+    CRITERIA,
+    MPAbsoluteCriterion,
+    MPCriterion,
+    ScoringContext,
+)
+
+
+def module_inputs(model, names, calib):
+    """The inputs of each named module over one forward of `calib` (forward pre-hooks)."""
+    captured = {name: [] for name in names}
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda _m, inputs, name=name: captured[name].append(inputs[0].detach())
+        )
+        for name in names
+    ]
+    with torch.no_grad():
+        model(calib)
+    for handle in handles:
+        handle.remove()
+    return {name: torch.cat(parts) for name, parts in captured.items()}
+
+
+def test_residual_modules_are_the_block_inputs():
+    vit = make_model("test_vit", {})
+    names = {g.name: g.residual_module for g in get_adapter(vit).channel_groups(vit)}
+    assert names["blocks.0.attn"] == "blocks.0.norm1"
+    assert names["blocks.0.mlp"] == "blocks.0.norm2"
+    convnext = make_model("test_convnext", {})
+    group = get_adapter(convnext).channel_groups(convnext)[0]
+    assert group.residual_module == "stages.0.blocks.0.conv_dw"
+
+
+def test_mp_divides_the_output_energy_by_the_residual_energy_by_hand():
+    model = make_model("test_vit", {})
+    torch.manual_seed(3)
+    calib = torch.randn(6, *input_size(model))
+    groups = get_adapter(model).channel_groups(model)
+    weights = {"blocks.1.mlp.fc2": 0.5, "blocks.1.attn.proj": 2.0}
+    ctx = ScoringContext(calib, weights, batch_size=4)  # two batches: the averages must combine
+    scores = MPCriterion().unit_scores(model, groups, ctx)
+    absolute = MPAbsoluteCriterion().unit_scores(model, groups, ctx)
+    seen = module_inputs(
+        model, ["blocks.1.norm1", "blocks.1.norm2", "blocks.1.mlp.fc2", "blocks.1.attn.proj"], calib
+    )
+    # E‖x_res‖²: squared norm of each token's residual vector, mean over images and tokens
+    res_attn = seen["blocks.1.norm1"].double().pow(2).sum(-1).mean()
+    res_mlp = seen["blocks.1.norm2"].double().pow(2).sum(-1).mean()
+    assert not torch.isclose(res_attn, res_mlp)  # the two groups really use different streams
+    fc2 = model.blocks[1].mlp.fc2
+    h = seen["blocks.1.mlp.fc2"].double().reshape(-1, fc2.in_features)
+    energy = h.pow(2).mean(0) * fc2.weight.detach().double().pow(2).sum(0)  # E‖W[:, u] h_u‖²
+    expected = energy / res_mlp / 0.5
+    np.testing.assert_allclose(scores["blocks.1.mlp"], expected.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(absolute["blocks.1.mlp"], (energy / 0.5).numpy(), rtol=1e-6)
+    proj, attn = model.blocks[1].attn.proj, model.blocks[1].attn
+    h = seen["blocks.1.attn.proj"].double().reshape(-1, proj.in_features)
+    for head in (0, attn.num_heads - 1):
+        cols = slice(head * attn.head_dim, (head + 1) * attn.head_dim)
+        energy = (h[:, cols] @ proj.weight.detach().double()[:, cols].T).pow(2).sum(1).mean()
+        assert scores["blocks.1.attn"][head] == pytest.approx(
+            float(energy / res_attn / 2.0), rel=1e-6
+        )
+
+
+def test_convnext_residual_energy_is_per_spatial_position():
+    model = make_model("test_convnext", {"conv_mlp": True})
+    calib = torch.randn(3, *input_size(model))
+    groups = get_adapter(model).channel_groups(model)[2:3]
+    ctx = ScoringContext(calib, {}, max_rows=10**9)
+    scores = MPCriterion().unit_scores(model, groups, ctx)[groups[0].name]
+    absolute = MPAbsoluteCriterion().unit_scores(model, groups, ctx)[groups[0].name]
+    name = groups[0].residual_module
+    x = module_inputs(model, [name], calib)[name].double()  # (B, C, H, W)
+    residual = float(x.pow(2).sum(1).mean())  # sum over channels, mean over images and positions
+    np.testing.assert_allclose(scores, absolute / residual, rtol=1e-9)
+
+
+def test_resnet_groups_are_not_residual_normalised():
+    model = make_model("test_resnet", {})
+    groups = get_adapter(model).channel_groups(model)
+    assert all(g.residual_module is None for g in groups)
+    calib = torch.randn(3, *input_size(model))
+    ctx = ScoringContext(calib, {})
+    scores = MPCriterion().unit_scores(model, groups, ctx)
+    absolute = MPAbsoluteCriterion().unit_scores(model, groups, ctx)
+    for group in groups:
+        np.testing.assert_array_equal(scores[group.name], absolute[group.name])
+
+
+@pytest.mark.parametrize(("name", "kwargs"), FAMILY_CASES)
+def test_mp_scores_are_finite_and_positive(name, kwargs):
+    model = make_model(name, kwargs)
+    torch.manual_seed(1)
+    calib = torch.randn(3, *input_size(model))
+    groups = get_adapter(model).channel_groups(model)
+    assert all((g.residual_module is None) == (name == "test_resnet") for g in groups)
+    scores = MPCriterion().unit_scores(model, groups, ScoringContext(calib, {}))
+    for group in groups:
+        values = scores[group.name]
+        assert values.shape == (group.units,)
+        # ≥ 0, not > 0: a channel that is dead after ReLU on the batch has zero energy
+        assert np.isfinite(values).all() and (values >= 0).all() and values.max() > 0
+
+
+def test_mp_absolute_is_kept_for_the_comparison_but_is_not_a_cli_choice():
+    import click
+
+    from mpdeploy.cli import cli
+
+    assert CRITERIA["mp"] is MPCriterion and CRITERIA["mp_absolute"] is MPAbsoluteCriterion
+    choices = [
+        param.type.choices
+        for command in cli.commands.values()
+        for param in command.params
+        if param.name == "method" and isinstance(param.type, click.Choice)
+    ]
+    assert choices and all("mp" in c and "mp_absolute" not in c for c in choices)
