@@ -64,13 +64,7 @@ def summary_table(manifest: dict[str, Any], build_dir: Path) -> str:
             f"top-1 agreement {_pct(head.get('parity_top1_agreement'))})",
         ),
     ]
-    if "speedup" in head:
-        rows.append(
-            (
-                "measured speedup",
-                str(head.get("speedup_summary") or _num(head["speedup"], ".2f") + "×"),
-            )
-        )
+    rows += _speed_rows(head)
     if head.get("triton_model"):
         rows.append(("Triton model", f"{head['triton_model']} v{head.get('triton_version')}"))
     if head.get("published"):
@@ -78,3 +72,25 @@ def summary_table(manifest: dict[str, Any], build_dir: Path) -> str:
     rows.append(("build directory", str(build_dir)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _speed_rows(head: dict[str, Any]) -> list[tuple[str, str]]:
+    if head.get("bench_comparison") == "no pruning":
+        return [
+            (
+                "latency, batch 1",
+                f"{_num(head.get('latency_ms_batch1'))} ms "
+                "(nothing was pruned, so there is no speedup to measure)",
+            )
+        ]
+    if "speedup_median" not in head:
+        return []
+    text = (
+        f"{_num(head['speedup_median'], '.2f')}× median over batch sizes, best "
+        f"{_num(head.get('speedup_best'), '.2f')}× at batch {head.get('speedup_best_batch')}; "
+        f"MAC ratio {_num(head.get('mac_ratio'), '.2f')}× is the limit"
+    )
+    rows = [("measured speedup", text)]
+    if head.get("bench_warning"):
+        rows.append(("bench warning", str(head["bench_warning"])))
+    return rows
