@@ -1,6 +1,7 @@
 """Evidence for N:M sparsity (docs/sparsity.md): CAST vs magnitude, with and without permutation.
 
     python scripts/sparsity_eval.py                       # demo model, 2:4, 0 and 1 recovery epochs
+    python scripts/sparsity_eval.py --sequential off block layer   # also sequential CAST
     python scripts/sparsity_eval.py --vit-b-timing        # ViT-B/16 2:4 CAST timing instead
 
 On the bundled demo ViT: held-out top-1 (digits test split) of the dense model and of every
@@ -41,6 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--calib-size", type=int, default=256)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--recover-epochs", type=int, default=1, help="0 skips recovery")
+    parser.add_argument(
+        "--sequential",
+        nargs="+",
+        default=["off"],
+        choices=["off", "block", "layer"],
+        help="CAST capture modes to compare (magnitude ignores it)",
+    )
     parser.add_argument(
         "--vit-b-timing", action="store_true", help="time 2:4 CAST on ViT-B/16 instead of the demo"
     )
@@ -86,17 +94,22 @@ def demo_eval(args: argparse.Namespace) -> dict[str, Any]:
         calib = load_calibration(
             "builtin", args.calib_size, data_config, seed=seed, model_name=DEMO_MODEL
         )
-        for method in ("cast", "magnitude"):
+        variants = [("cast", mode) for mode in args.sequential] + [("magnitude", "off")]
+        for method, sequential in variants:
             for permute in (False, True):
                 start = time.perf_counter()
-                config = SparsityConfig(k, n, method=method, permute=permute, seed=seed)
+                config = SparsityConfig(
+                    k, n, method=method, permute=permute, seed=seed, sequential=sequential
+                )
                 result = sparsify(dense, calib.images, config, input_shape=tuple(images.shape[1:]))
                 seconds = time.perf_counter() - start
                 sparse_logits = logits_of(result.model, images)
                 delta = (sparse_logits - dense_logits).norm(dim=1)
+                seq = f" seq-{sequential}" if sequential != "off" else ""
                 row = {
-                    "variant": f"{args.pattern} {method}{' +perm' if permute else ''}",
+                    "variant": f"{args.pattern} {method}{seq}{' +perm' if permute else ''}",
                     "method": method,
+                    "sequential": sequential,
                     "permute": permute,
                     "seed": seed,
                     "top1": float((sparse_logits.argmax(1) == labels).float().mean()),
@@ -106,6 +119,7 @@ def demo_eval(args: argparse.Namespace) -> dict[str, Any]:
                         (sparse_logits.argmax(1) == dense_logits.argmax(1)).float().mean()
                     ),
                     "sparsify_seconds": round(seconds, 2),
+                    "timing_s": result.report["timing_s"],
                     "headline": result.headline,
                 }
                 if args.recover_epochs:
@@ -128,7 +142,7 @@ def demo_eval(args: argparse.Namespace) -> dict[str, Any]:
 def _row_line(row: dict[str, Any], epochs: int) -> str:
     after = row.get(f"top1_after_{epochs}_epoch")
     return (
-        f"{row['variant']:<24} seed {row['seed']}  top-1 {row['top1']:.4f}"
+        f"{row['variant']:<30} seed {row['seed']}  top-1 {row['top1']:.4f}"
         f"{f' → {after:.4f} after {epochs} ep' if after is not None else ''}"
         f"  ‖Δlogits‖ mean {row['delta_logits_l2_mean']:.4f} max {row['delta_logits_l2_max']:.4f}"
     )

@@ -11,8 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mpdeploy.models  # noqa: F401  (torchvision shim before timm)
+
+import timm  # isort: skip
 from mpdeploy.prune import cast
 from mpdeploy.prune.layout import conforms, grouped
+from mpdeploy.prune.nm import SparsityConfig, _steps, sparsify
 
 
 def random_moments(pixels: int, groups: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -119,3 +123,79 @@ def test_capture_caps_rows_and_is_seeded():
     rows = cast.input_rows(model[2], model[1](model[0](images)), None).double()
     h = rows.reshape(rows.shape[0], 9, 2, 4)
     torch.testing.assert_close(everything["2"].mean, torch.einsum("rpgi,rpgj->pgij", h, h) / len(h))
+
+
+@pytest.fixture(scope="module")
+def vit_one_pass_and_sequential():
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", img_size=64).eval()
+    images = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    results = {
+        mode: sparsify(
+            model,
+            images,
+            SparsityConfig(2, 4, sequential=mode, max_rows=256, batch_size=4),
+            input_shape=(3, 64, 64),
+        )
+        for mode in ("off", "block", "layer")
+    }
+    return model, results
+
+
+@pytest.mark.parametrize("mode", ["block", "layer"])
+def test_sequential_cast_keeps_k_of_n_and_starts_from_the_one_pass_masks(
+    vit_one_pass_and_sequential, mode
+):
+    model, results = vit_one_pass_and_sequential
+    one_pass, sequential = results["off"], results[mode]
+    assert sequential.report["sequential"] == mode
+    assert list(sequential.masks) == list(one_pass.masks)
+    for param, mask in sequential.masks.items():
+        assert (grouped(mask, 4).sum(-1) == 2).all(), param
+        assert conforms(sequential.model.get_parameter(param).detach(), 2, 4), param
+    first = next(iter(one_pass.masks))  # blocks.0.attn.qkv.weight: the same dense input in both
+    assert first == "blocks.0.attn.qkv.weight"
+    assert torch.equal(sequential.masks[first], one_pass.masks[first])
+    # later layers see the already-sparse network, so some masks must move
+    assert any(not torch.equal(sequential.masks[p], one_pass.masks[p]) for p in one_pass.masks)
+
+
+def test_sequential_block_mode_matches_one_pass_on_the_whole_first_block(
+    vit_one_pass_and_sequential,
+):
+    _, results = vit_one_pass_and_sequential
+    for param, mask in results["block"].masks.items():
+        if param.startswith("blocks.0."):
+            assert torch.equal(mask, results["off"].masks[param]), param
+
+
+def test_sequential_steps_follow_blocks_or_layers():
+    names = [
+        "stages.0.blocks.0.mlp.fc1",
+        "stages.0.blocks.0.mlp.fc2",
+        "stages.1.downsample.1",
+        "stages.1.blocks.0.mlp.fc1",
+        "layer1.0.conv1",
+        "layer1.0.downsample.0",
+        "fc",
+    ]
+    assert _steps(names, "off") == [names]
+    assert _steps(names, "layer") == [[name] for name in names]
+    assert _steps(names, "block") == [
+        names[:2],
+        ["stages.1.downsample.1"],
+        ["stages.1.blocks.0.mlp.fc1"],
+        ["layer1.0.conv1", "layer1.0.downsample.0"],
+        ["fc"],
+    ]
+
+
+def test_stopping_the_forward_early_captures_the_same_moments():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    images = torch.randn(10, 8)
+    full, _ = cast.capture_group_moments(model, ["0", "2"], images, 4, batch_size=3)
+    part, logits = cast.capture_group_moments(
+        model, ["2"], images, 4, batch_size=3, seed_index={"2": 1}, stop_early=True
+    )
+    assert logits is None
+    assert torch.equal(part["2"].total, full["2"].total) and part["2"].rows == full["2"].rows

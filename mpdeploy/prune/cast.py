@@ -9,11 +9,12 @@ Magnitude k:n is the same search with C_g = I (keep the k largest |w|).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -109,14 +110,22 @@ def capture_group_moments(
     max_rows: int = 4096,
     seed: int = 0,
     batch_size: int = 32,
-) -> tuple[dict[str, GroupMoments], torch.Tensor]:
+    seed_index: Mapping[str, int] | None = None,
+    stop_early: bool = False,
+) -> tuple[dict[str, GroupMoments], torch.Tensor | None]:
     """One pass over `images`: the within-group input moments of each named layer, and the logits.
 
     Layers whose forward never ran (their weight used outside the module) are absent from the dict.
+    Layer i's rows are drawn with `seed + i`, i its position in `layer_names` or `seed_index[name]`
+    (so a subset of the layers samples the rows it would sample in a pass over all of them).
+    `stop_early` ends each batch's forward once every named layer has seen it (a module called
+    twice in one forward then counts its first call only), and returns no logits.
     """
     moments: dict[str, GroupMoments] = {}
     names = list(layer_names)
-    quotas = {name: _RowQuota(images.shape[0], max_rows, seed + i) for i, name in enumerate(names)}
+    index = dict(seed_index) if seed_index is not None else {n: i for i, n in enumerate(names)}
+    quotas = {name: _RowQuota(images.shape[0], max_rows, seed + index[name]) for name in names}
+    pending: set[str] = set()
 
     def hook(name: str):
         def pre(module, args):
@@ -136,11 +145,30 @@ def capture_group_moments(
                 record = moments[name] = GroupMoments(torch.zeros(shape, dtype=torch.float64))
             record.total += torch.einsum("rpgi,rpgj->pgij", h, h)
             record.rows += h.shape[0]
+            pending.discard(name)
+            if stop_early and not pending:
+                raise _Done
 
         return pre
 
-    logits = _run_with_hooks(model, images, {name: hook(name) for name in names}, batch_size)
-    return moments, logits
+    hooks = {name: hook(name) for name in names}
+    if not stop_early:
+        return moments, _run_with_hooks(model, images, hooks, batch_size)
+    handles = [model.get_submodule(name).register_forward_pre_hook(h) for name, h in hooks.items()]
+    try:
+        with torch.inference_mode():
+            for i in range(0, len(images), batch_size):
+                pending.update(names)
+                with contextlib.suppress(_Done):
+                    model(images[i : i + batch_size])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return moments, None
+
+
+class _Done(Exception):
+    """Raised by a capture hook once the layers of interest have seen the batch."""
 
 
 def capture_channel_energy(

@@ -32,6 +32,7 @@ from mpdeploy.prune.layout import LayerLayout, conforms, layer_layouts
 log = logging.getLogger(__name__)
 
 METHODS = ("cast", "magnitude")
+SEQUENTIAL = ("off", "block", "layer")
 SPARSITY_JSON = "sparsity.json"
 MASKS_FILE = Path("pruned") / "masks.safetensors"
 NATIVE_PATTERN = (2, 4)  # the only pattern with a TensorRT sparse kernel (and Polygraphy check)
@@ -51,6 +52,9 @@ class SparsityConfig:
     seed: int = 0
     permute_images: int = 32  # images for the channel energies E[h²] that rank channels
     batch_size: int = 32
+    # CAST only: capture C_g step by step on the network whose earlier steps are already sparse
+    # ("block": one step per residual block, "layer": one per layer) instead of in one dense pass
+    sequential: str = "off"  # "off" | "block" | "layer"
 
     def __post_init__(self):
         if not 0 < self.k < self.n <= 16:
@@ -59,6 +63,10 @@ class SparsityConfig:
             raise UserError(f"unknown sparsity method '{self.method}': use {' or '.join(METHODS)}")
         if self.max_rows < 1:
             raise UserError(f"max_rows must be at least 1 (got {self.max_rows})")
+        if self.sequential not in SEQUENTIAL:
+            raise UserError(
+                f"unknown sequential mode '{self.sequential}': use {', '.join(SEQUENTIAL)}"
+            )
 
     @property
     def pattern(self) -> str:
@@ -145,28 +153,43 @@ def sparsify(
     permutations = _permute(model, images, config, eligible) if config.permute else []
     timing["permutation_s"] = time.perf_counter() - start
 
-    start = time.perf_counter()
     names = [lay.name for lay in layouts if lay.eligible]
-    moments, dense_logits = cast.capture_group_moments(
-        model,
-        names,
-        images,
-        config.n,
-        max_rows=config.max_rows,
-        seed=config.seed,
-        batch_size=config.batch_size,
-    )
-    timing["capture_s"] = time.perf_counter() - start
+    # magnitude ignores C_g (C = I), so it never pays for the sequential passes
+    steps = _steps(names, config.sequential if config.method == "cast" else "off")
+    moments: dict[str, cast.GroupMoments] = {}
+    projections: dict[str, cast.Projection] = {}
+    masks: dict[str, torch.Tensor] = {}
+    timing["capture_s"] = timing["projection_s"] = 0.0
+    dense_logits = None
+    for step in steps:
+        start = time.perf_counter()
+        captured, logits = cast.capture_group_moments(
+            model,
+            step,
+            images,
+            config.n,
+            max_rows=config.max_rows,
+            seed=config.seed,
+            batch_size=config.batch_size,
+            seed_index={name: names.index(name) for name in step},
+            stop_early=dense_logits is not None,
+        )
+        dense_logits = logits if dense_logits is None else dense_logits
+        moments.update(captured)
+        timing["capture_s"] += time.perf_counter() - start
+
+        start = time.perf_counter()
+        step_layouts = [lay for lay in layouts if lay.name in captured]
+        projections.update(_project(model, step_layouts, moments, config))
+        step_masks = {lay.param: projections[lay.name].mask for lay in step_layouts}
+        apply_masks(model, step_masks)
+        masks.update(step_masks)
+        timing["projection_s"] += time.perf_counter() - start
     layouts = [
         _unexecuted(lay) if lay.eligible and lay.name not in moments else lay for lay in layouts
     ]
     _require_eligible(model, layouts, config)
-
-    start = time.perf_counter()
-    projections = _project(model, layouts, moments, config)
-    masks = {lay.param: projections[lay.name].mask for lay in layouts if lay.eligible}
-    apply_masks(model, masks)
-    timing["projection_s"] = time.perf_counter() - start
+    masks = {lay.param: masks[lay.param] for lay in layouts if lay.eligible}
 
     start = time.perf_counter()
     sparse_logits = _logits(model, images, config.batch_size)
@@ -205,6 +228,25 @@ def _project(
         for lay in layouts
         if lay.eligible
     }
+
+
+def _steps(names: list[str], mode: str) -> list[list[str]]:
+    """The layers captured and projected together, in module order: all, per block or per layer.
+
+    A block is the name up to its last numbered component that is not the layer itself
+    (`blocks.3` of `blocks.3.attn.qkv`, `stages.1.blocks.2` of `stages.1.blocks.2.mlp.fc1`,
+    `layer1.0` of `layer1.0.downsample.0`); layers with no such component are a step each.
+    """
+    if mode == "off":
+        return [names]
+    if mode == "layer":
+        return [[name] for name in names]
+    steps: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        numbered = [i for i, part in enumerate(parts[:-1]) if part.isdigit()]
+        steps.setdefault(".".join(parts[: numbered[-1] + 1]) if numbered else name, []).append(name)
+    return list(steps.values())
 
 
 def _require_eligible(model: nn.Module, layouts: list[LayerLayout], config: SparsityConfig) -> None:
@@ -317,6 +359,7 @@ def build_report(
         "permute": config.permute,
         "include_classifier": config.include_classifier,
         "max_rows": config.max_rows,
+        "sequential": config.sequential if config.method == "cast" else "off",
         "seed": config.seed,
         "calibration_images": calibration_images,
         "layout": "TensorRT: Linear along in_features per output row; Conv2d along Cin per "
