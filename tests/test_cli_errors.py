@@ -112,3 +112,21 @@ def test_console_script_reports_one_line(in_tmp):
     )
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["--model", "test_efficientnet", "--target-macs", "0.3"], "supported"),
+        (["--model", "test_vit", "--target-macs", "0.3", "--calib-size", "1"], "calibration"),
+        (["--model", "test_vit", "--sparsity", "16:17"], "need 0 < k < n ≤ 16"),
+        (
+            ["--model", "test_vit", "--sparsity", "12:13"],
+            "no layer of VisionTransformer can hold it",
+        ),
+    ],
+)
+def test_bad_pruning_input(in_tmp, capsys, argv, pattern):
+    code, _, err = run_cli(capsys, "build", "--weights", "none", *argv)
+    assert_one_line_error(code, err, pattern)
+    assert_nothing_written(in_tmp)
