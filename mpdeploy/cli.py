@@ -203,9 +203,10 @@ def build(quiet: bool, bench_batches, **kwargs):
     default=0.0,
     help="Sparsity at which the layer budget weights are reported.",
 )
+@click.option("--layer", default=None, help="Layer whose eigenvalue histogram spectrum.png shows.")
 @click.option("--out", default=None, help="Output folder [default: engines/<model>-spectrum/].")
 @force_option
-def spectrum(model, weights, num_classes, img_size, target_macs, out, force):
+def spectrum(model, weights, num_classes, img_size, target_macs, layer, out, force):
     """Marchenko–Pastur analysis only: spectrum.json and spectrum.png."""
     from mpdeploy.models import short_name
     from mpdeploy.pipeline import BuildOptions
@@ -218,6 +219,7 @@ def spectrum(model, weights, num_classes, img_size, target_macs, out, force):
         num_classes=num_classes,
         img_size=img_size,
         target_macs=target_macs,
+        spectrum_layer=layer,
         out=out,
         force=force,
     )

@@ -62,6 +62,7 @@ class BuildOptions:
     out: str | None = None
     triton_repo: str | None = None
     model_name: str | None = None  # Triton model name
+    spectrum_layer: str | None = None  # layer drawn in spectrum.png (default: the most spiked)
     force: bool = False
     seed: int = 0
 
@@ -239,7 +240,9 @@ def stage_analyze(ctx: BuildContext) -> StageOutcome:
     model, _ = ctx.dense()
     report = analyze_model(model, sparsity=max(ctx.options.target_macs, 0.0))
     ctx.cache["spectrum"] = report
-    json_path, png_path = write_spectrum(report, ctx.build_dir)
+    json_path, png_path = write_spectrum(
+        report, ctx.build_dir, highlight_layer=ctx.options.spectrum_layer
+    )
     return StageOutcome(
         outputs=[json_path, png_path],
         inputs=[ctx.path("dense", "model.safetensors")],

@@ -184,6 +184,16 @@ def test_spectrum_cli(in_tmp, capsys):
     )
     assert "layers" in out and len(spectrum["layers"]) > 5
     assert (in_tmp / "engines" / "test_resnet-spectrum" / "spectrum.png").stat().st_size > 10_000
+    args = ["spectrum", "--model", "test_resnet", "--weights", "none", "--force"]
+    assert main([*args, "--layer", "layer1.0.conv2"]) == 0
+    spectrum = json.loads(
+        (in_tmp / "engines" / "test_resnet-spectrum" / "spectrum.json").read_text()
+    )
+    assert spectrum["highlight_layer"] == "layer1.0.conv2"
+    with_eigenvalues = [r["name"] for r in spectrum["layers"] if r.get("eigenvalues")]
+    assert with_eigenvalues == ["layer1.0.conv2"]
+    assert main([*args, "--layer", "no.such.layer"]) != 0
+    assert "no layer 'no.such.layer'" in capsys.readouterr().err
 
 
 def test_pruned_demo_build_measures_speed_against_dense(in_tmp, capsys):
