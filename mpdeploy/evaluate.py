@@ -47,7 +47,8 @@ def evaluate_build(
     hits = {name: {"top1": 0, "top5": 0} for name in ("dense", "pruned", "engine")}
     count = unreadable = 0
     with runner, torch.inference_mode():
-        for start in tqdm(range(0, len(items), batch_size), desc="eval", unit="batch", leave=False):
+        batches = range(0, len(items), batch_size)
+        for start in tqdm(batches, desc="eval", unit="batch", leave=False, disable=None):
             chunk = items[start : start + batch_size]
             images, labels = [], []
             for label, item in chunk:
