@@ -20,3 +20,12 @@ def prune_loaded(loaded, *, calib: str, calib_size: int, target_macs: float, met
         spec=loaded.spec,
         input_shape=tuple(int(v) for v in loaded.data_config["input_size"]),
     )
+
+
+def check_bench_args(parser, args):
+    """The argument rules both benchmark scripts share; `parser.error` exits with a usage line."""
+    if not 0.0 < args.target_macs < 1.0:
+        parser.error("--target-macs must be in (0, 1)")
+    if min(args.batches) < 1 or args.iterations < 1:
+        parser.error("--batches and --iterations must be ≥ 1")
+    return args

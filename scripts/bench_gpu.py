@@ -47,12 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CUTLASS 2:4 kernels instead of cuSPARSELt (what the MP paper used).",
     )
     parser.add_argument("--out", type=Path, default=Path("bench_gpu.json"))
-    args = parser.parse_args(argv)
-    if not 0.0 < args.target_macs < 1.0:
-        parser.error("--target-macs must be in (0, 1)")
-    if min(args.batches) < 1 or args.iterations < 1:
-        parser.error("--batches and --iterations must be ≥ 1")
-    return args
+    from _prune_step import check_bench_args
+
+    return check_bench_args(parser, parser.parse_args(argv))
 
 
 def pruned_model(loaded, args):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -292,6 +293,9 @@ def test_torch_cuda_runner_graph_and_2of4_on_gpu():
 
 
 def _script(name: str):
+    # As `python scripts/NAME.py` would: the script's folder is on sys.path for its helpers.
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -268,31 +268,32 @@ def _consumer_inputs(
     observe: Callable[[ChannelGroup, nn.Module, torch.Tensor], None],
 ) -> Iterator[None]:
     """Call `observe(group, consumer, input)` on every forward of each group's consumer."""
-    handles = []
-    for group in groups:
-        module = model.get_submodule(group.consumer_module)
-
-        def hook(mod, inputs, group=group):
-            observe(group, mod, inputs[0])
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
+    with _pre_hooks(
+        model,
+        [
+            (group.consumer_module, lambda mod, x, group=group: observe(group, mod, x))
+            for group in groups
+        ],
+    ):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager
 def _residual_inputs(model: nn.Module, energies: Mapping[str, _ResidualEnergy]) -> Iterator[None]:
     """Accumulate the input energy of each named module (a forward pre-hook per module)."""
-    handles = []
-    for name, energy in energies.items():
+    with _pre_hooks(model, [(name, energy.add) for name, energy in energies.items()]):
+        yield
 
-        def hook(mod, inputs, energy=energy):
-            energy.add(mod, inputs[0])
 
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+@contextlib.contextmanager
+def _pre_hooks(model: nn.Module, callbacks) -> Iterator[None]:
+    """Call `callback(module, first_input)` before every forward of each named module."""
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda mod, inputs, callback=callback: callback(mod, inputs[0])
+        )
+        for name, callback in callbacks
+    ]
     try:
         yield
     finally:
