@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mpdeploy import __version__
+from mpdeploy.errors import UserError, one_line
 from mpdeploy.fileio import read_json, sha256_file, write_json
 
 MANIFEST = "manifest.json"
@@ -18,6 +19,8 @@ _PACKAGES = (
     "timm",
     "onnx",
     "onnxruntime",
+    "onnxruntime-gpu",
+    "openvino",
     "onnxscript",
     "onnxslim",
     "polygraphy",
@@ -26,6 +29,19 @@ _PACKAGES = (
     "tritonclient",
     "nvidia-pytriton",
 )
+
+
+_STAGE_COMMAND = {"sparsify": "prune", "recover": "prune", "calibrate": "build", "analyze": "build"}
+_AFTER_ARTIFACT = {"bench", "package"}
+
+
+def _shape_problem(payload: Any) -> str | None:
+    if not isinstance(payload, dict):
+        return f"expected a JSON object, found {type(payload).__name__}"
+    for key in ("options", "model", "stages", "headline"):
+        if not isinstance(payload.get(key), dict):
+            return f"{key!r} is missing or not an object"
+    return None
 
 
 def now() -> str:
@@ -40,19 +56,19 @@ def environment() -> dict[str, Any]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    gpu = None
-    try:
-        import torch
+    from mpdeploy import hardware
 
-        if torch.cuda.is_available():
-            props = torch.cuda.get_device_properties(0)
-            gpu = {
-                "name": props.name,
-                "compute_capability": f"{props.major}.{props.minor}",
-                "cuda": torch.version.cuda,
-            }
-    except Exception:  # a broken CUDA install must not stop a CPU build
-        gpu = None
+    machine = hardware.summary()
+    first = machine["gpus"][0] if machine["gpus"] else None
+    gpu = (
+        {
+            "name": first["name"],
+            "compute_capability": first["compute_capability"],
+            "cuda": machine["torch_cuda_build"],
+        }
+        if first
+        else None
+    )
     return {
         "mpdeploy": __version__,
         "python": platform.python_version(),
@@ -60,6 +76,7 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "versions": versions,
         "gpu": gpu,
+        "cpu": machine["cpu"],
     }
 
 
@@ -87,12 +104,46 @@ class Manifest:
 
     @classmethod
     def load(cls, build_dir: Path) -> Manifest:
-        from mpdeploy.errors import UserError
-
         path = Path(build_dir) / MANIFEST
         if not path.is_file():
             raise UserError(f"{build_dir} is not an mpdeploy build directory (no {MANIFEST})")
-        return cls(build_dir, read_json(path))
+        try:
+            payload = read_json(path)
+        except (ValueError, OSError) as exc:
+            raise UserError(f"{path} is corrupt: not readable JSON ({one_line(exc)})") from None
+        problem = _shape_problem(payload)
+        if problem:
+            raise UserError(f"{path} is corrupt: {problem}")
+        return cls(build_dir, payload)
+
+    def require_complete(self) -> None:
+        """Refuse (UserError) a build any of whose recorded stages failed or went stale.
+
+        A stage rerun after a later one (an `mpdeploy prune --force` without export, engine and
+        verify after it) would publish artifacts that do not come from the recorded options.
+        """
+        stages = self.payload.get("stages") or {}
+        for name, record in stages.items():
+            status = str((record or {}).get("status", ""))
+            if status != "done" and not status.startswith("skipped"):
+                command = _STAGE_COMMAND.get(name, name)
+                raise UserError(
+                    f"{self.build_dir}: stage {name} is {status or 'unfinished'}; rerun it with "
+                    f"`mpdeploy {command} --build {self.build_dir} --force` before publishing"
+                )
+        # Records keep the order the stages first ran in (the pipeline's order); bench and
+        # package do not change what is served, so rerunning them later is fine.
+        ordered = [
+            (n, (r or {}).get("finished", ""))
+            for n, r in stages.items()
+            if n not in _AFTER_ARTIFACT
+        ]
+        for (earlier, t_earlier), (later, t_later) in zip(ordered, ordered[1:], strict=False):
+            if t_earlier and t_later and t_earlier > t_later:
+                raise UserError(
+                    f"{self.build_dir}: stage {earlier} was redone after {later}; rerun the stages "
+                    f"after {earlier} (--force) before publishing"
+                )
 
     @property
     def options(self) -> dict[str, Any]:

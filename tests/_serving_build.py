@@ -112,17 +112,30 @@ def make_build_dir(build: Path, *, seed: int = 0) -> Path:
 
 def make_plan_build(build: Path, target: Path) -> Path:
     """A TensorRT-shaped build from `build`: the plan bytes are opaque to publishing."""
+    import dataclasses
+
+    from mpdeploy.backends.base import EngineRecord, write_engine_record
+
     plan = copy_build(build, target)
     (plan / "engine" / "model.plan").write_bytes(b"not a real plan: publishing only copies it")
     engine = json.loads((plan / "engine" / "engine.json").read_text())
-    engine.update(
-        backend="tensorrt",
-        artifact="engine/model.plan",
-        trt_version="10.13.0",
-        gpu_name="NVIDIA H100 80GB HBM3",
-        compute_capability="9.0",
+    fields = {f.name for f in dataclasses.fields(EngineRecord)}
+    record = EngineRecord(
+        **{
+            **{k: v for k, v in engine.items() if k in fields},
+            "backend": "tensorrt",
+            "artifact": "engine/model.plan",
+            "build_seconds": 1.0,
+            "size_bytes": (plan / "engine" / "model.plan").stat().st_size,
+            # The keys the TensorRT backend's build() writes (backends/tensorrt.py).
+            "details": {
+                "tensorrt_version": "10.13.0",
+                "gpu": "NVIDIA H100 80GB HBM3",
+                "compute_capability": "9.0",
+            },
+        }
     )
-    _write(plan / "engine" / "engine.json", engine)
+    write_engine_record(record, plan)
     return plan
 
 

@@ -210,7 +210,8 @@ def test_tensorrt_plan_records_its_version_lock(build, tmp_path):
 
     engine_path = plan_build / "engine" / "engine.json"
     engine = json.loads(engine_path.read_text())
-    engine_path.write_text(json.dumps({**engine, "trt_version": "10.14.1"}))
+    engine["details"]["tensorrt_version"] = "10.14.1"
+    engine_path.write_text(json.dumps(engine))
     before = tree_hash(repo)
     with pytest.raises(UserError, match=r"incompatible.*10\.14\.1"):
         publish(plan_build, repo, name="vit_trt")

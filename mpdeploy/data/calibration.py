@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 CALIBRATION_JSON = "calibration.json"
 CALIBRATION_TENSORS = "calibration.safetensors"
+# Seeded crops of three photos stop being meaningfully different long before this many.
+BUILTIN_PHOTO_CROPS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,15 +82,54 @@ def load_calibration(
             images, sources = _digits_images(size, seed)
             origin = "builtin:digits"
         else:
+            if size > BUILTIN_PHOTO_CROPS:
+                log.warning(
+                    "the builtin photo set holds %d distinct crops; calibrating on %d, not %d "
+                    "(pass --calib DIR for more)",
+                    BUILTIN_PHOTO_CROPS,
+                    BUILTIN_PHOTO_CROPS,
+                    size,
+                )
+                size = BUILTIN_PHOTO_CROPS
+            check_calibration_memory(size, data_config["input_size"])
             images, sources = _photo_crops(size, seed)
             origin = "builtin:photos"
         skipped = 0
     else:
+        check_calibration_memory(size, data_config["input_size"])
         images, sources, skipped = _folder_images(Path(source), size, seed)
         origin = str(Path(source).resolve())
     batch = torch.stack([transform(img) for img in images]).float().contiguous()
     digest = hashlib.sha256(batch.numpy().tobytes()).hexdigest()
     return CalibrationSet(batch, sources, skipped, digest, seed, origin)
+
+
+def check_calibration_memory(size: int, input_size: Sequence[int]) -> None:
+    """Refuse a calibration batch that cannot fit in memory, before decoding a single image.
+
+    The preprocessed batch is float32 (size × C × H × W); it is held a few times over (the images,
+    the batch, a model's activations), so half the available memory is the limit.
+    """
+    needed = 4 * size * int(np.prod([int(v) for v in input_size]))
+    available = available_memory()
+    if available is not None and needed > available // 2:
+        raise UserError(
+            f"calibration batch of {size} × {'×'.join(str(int(v)) for v in input_size)} needs "
+            f"{needed / 2**30:.1f} GiB; this machine has {available / 2**30:.1f} GiB available "
+            "(lower --calib-size or --img-size)"
+        )
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def eval_transform(data_config: dict[str, Any]):
@@ -157,7 +198,8 @@ def _folder_images(folder: Path, size: int, seed: int) -> tuple[list[Image.Image
         try:
             with Image.open(path) as img:
                 images.append(img.convert("RGB"))
-        except (UnidentifiedImageError, OSError):
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError):
+            # DecompressionBombError: a file claiming more pixels than PIL's safety limit.
             skipped += 1
             continue
         sources.append(str(path.relative_to(folder)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -14,7 +15,7 @@ ensure_torchvision_importable()
 
 import torch  # noqa: E402
 
-from mpdeploy.errors import UserError  # noqa: E402
+from mpdeploy.errors import UserError, one_line  # noqa: E402
 from mpdeploy.models import demo  # noqa: E402,F401  (registers the demo model with timm)
 from mpdeploy.models.registry import ALIASES, resolve_model_name, short_name  # noqa: E402
 from mpdeploy.models.spec import ModelSpec, check_state_dict  # noqa: E402
@@ -104,19 +105,96 @@ def _instantiate(timm_name: str, num_classes: int | None, img_size: int | None, 
         if "img_size" in str(exc):
             raise UserError(f"{timm_name} has no fixed input size; drop --img-size") from None
         raise
+    except (AssertionError, ValueError, RuntimeError) as exc:
+        if img_size is None and num_classes is None:
+            raise
+        # timm asserts on sizes a model cannot take (a ViT image smaller than one patch, …).
+        raise UserError(
+            f"{timm_name} cannot be built with --img-size {img_size} / --num-classes "
+            f"{num_classes}: {one_line(exc)}"
+        ) from None
 
 
 def _from_hub(timm_name: str, num_classes: int | None, img_size: int | None):
+    offline = _hub_unreachable()
     try:
+        if offline:  # cached weights still load; anything else fails at once, not after ~55 s
+            with _hub_offline():
+                return _instantiate(timm_name, num_classes, img_size, pretrained=True)
         return _instantiate(timm_name, num_classes, img_size, pretrained=True)
     except UserError:
         raise
     except Exception as exc:  # network, hub and cache errors come in many types
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        reason = offline or one_line(exc, 160)
         raise UserError(
             f"cannot load pretrained weights for {timm_name} from the hub ({reason}); "
             "pass --weights PATH to a local checkpoint"
         ) from None
+
+
+HUB_HOST = "huggingface.co"
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the model hub cannot be reached from here (None if it can, or a proxy decides).
+
+    One TCP connect replaces the hub client's minute of retries and warnings when offline.
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return None  # the hub client already fails fast, from the cache only
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # only the proxy knows; let the client try
+    host = urlparse(os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST}")).hostname or HUB_HOST
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"no network: cannot reach {host} ({exc.strerror or type(exc).__name__})"
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """HF_HUB_OFFLINE for one call: the variable, and the constant the hub client read at import."""
+    import os
+
+    values = {"HF_HUB_OFFLINE": "1"}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        saved_const = hub_constants.HF_HUB_OFFLINE
+        hub_constants.HF_HUB_OFFLINE = True
+    except (ImportError, AttributeError):
+        hub_constants, saved_const = None, None
+    try:
+        yield
+    finally:
+        if hub_constants is not None:
+            hub_constants.HF_HUB_OFFLINE = saved_const
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def check_weights_file(path: Path) -> None:
+    """A --weights PATH that cannot be a checkpoint is refused before any work (one line)."""
+    if path.is_dir():
+        raise UserError(f"--weights {path} is a directory; pass the checkpoint file inside it")
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise UserError(f"unsupported weights file {path.name}: use {', '.join(WEIGHT_SUFFIXES)}")
+    if not path.exists():
+        raise UserError(f"weights file not found: {path}")
+    if not path.is_file():
+        raise UserError(f"--weights {path} is not a regular file")
+    if path.stat().st_size == 0:
+        raise UserError(f"weights file {path} is empty (0 bytes)")
 
 
 def _from_file(timm_name: str, path: Path, num_classes: int | None, img_size: int | None):
@@ -134,10 +212,7 @@ def _from_file(timm_name: str, path: Path, num_classes: int | None, img_size: in
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """Read a state dict from .safetensors or a torch file (weights_only); unwrap common nesting."""
-    if path.suffix not in WEIGHT_SUFFIXES:
-        raise UserError(f"unsupported weights file {path.name}: use {', '.join(WEIGHT_SUFFIXES)}")
-    if not path.is_file():
-        raise UserError(f"weights file not found: {path}")
+    check_weights_file(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -146,7 +221,9 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"cannot read weights {path}: {str(exc).splitlines()[0][:160]}") from None
+        raise UserError(
+            f"cannot read weights {path}: not a {path.suffix} checkpoint ({one_line(exc, 160)})"
+        ) from None
     for key in ("state_dict", "model", "model_state_dict", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -22,7 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from mpdeploy.errors import ParityError, UserError
-from mpdeploy.fileio import atomic_dir, read_json, sha256_file, write_json, write_text
+from mpdeploy.fileio import (
+    atomic_dir,
+    read_json,
+    remove_stale_debris,
+    sha256_file,
+    write_json,
+    write_text,
+)
+from mpdeploy.locks import exclusive, repository_lock_path
+from mpdeploy.manifest import Manifest
 from mpdeploy.serving.config import (
     ONNX_PLATFORM,
     PARAMETER_PREFIX,
@@ -115,11 +124,15 @@ def publish(
         output_data_type="TYPE_FP32" if kind == PYTHON_BACKEND else None,
     )
     model_dir = repo / name
-    existing = _existing_config(model_dir)
-    if existing is None:
-        return _add_model(model_dir, build, kind, config, labels)
-    _require_compatible(existing, config, model_dir, build, max_batch)
-    return _add_version(model_dir, build, kind, existing.max_batch_size)
+    with exclusive(repository_lock_path(repo), f"Triton repository {repo}"):
+        remove_stale_debris(repo, name)
+        if model_dir.is_dir():
+            remove_stale_debris(model_dir)
+        existing = _existing_config(model_dir)
+        if existing is None:
+            return _add_model(model_dir, build, kind, config, labels)
+        _require_compatible(existing, config, model_dir, build, max_batch)
+        return _add_version(model_dir, build, kind, existing.max_batch_size)
 
 
 def validate_model_name(name: str) -> str:
@@ -167,6 +180,7 @@ def _read_build(path: Path) -> _Build:
     engine = _read_record(path / "engine" / "engine.json", "run `mpdeploy engine` first")
     manifest_path = path / "manifest.json"
     manifest = _read_record(manifest_path, "") if manifest_path.exists() else {}
+    Manifest(path, manifest).require_complete()
     artifact = _build_file(path, engine, "artifact")
     onnx_path = artifact if artifact.suffix == ".onnx" else _build_file(path, engine, "onnx")
     signature = read_onnx_signature(onnx_path)
@@ -270,12 +284,19 @@ def _engine_parameters(build: _Build) -> dict[str, str]:
     """Record what a TensorRT plan is locked to, so a mismatch shows before the server fails."""
     if build.engine.get("backend") != "tensorrt":
         return {}
-    keys = ("trt_version", "gpu_name", "compute_capability")
+    # EngineRecord.details as the TensorRT backend writes it.
+    details = build.engine.get("details") or {}
+    if not details.get("tensorrt_version"):
+        raise UserError(
+            f"{build.path}/engine/engine.json: a TensorRT plan without its TensorRT version "
+            "(details.tensorrt_version) cannot be locked to it; rebuild it with `mpdeploy engine`"
+        )
+    keys = ("tensorrt_version", "gpu", "compute_capability")
     names = ("tensorrt_version", "gpu_name", "compute_capability")
     return {
-        PARAMETER_PREFIX + label: str(build.engine[key])
+        PARAMETER_PREFIX + label: str(details[key])
         for key, label in zip(keys, names, strict=True)
-        if build.engine.get(key) is not None
+        if details.get(key) is not None
     }
 
 
