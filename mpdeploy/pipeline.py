@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from mpdeploy.errors import ParityError, UserError
-from mpdeploy.fileio import atomic_dir, write_json
+from mpdeploy.fileio import atomic_dir, remove_stale_debris, write_json
+from mpdeploy.locks import build_lock_path, exclusive
 from mpdeploy.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -51,13 +52,16 @@ class BuildOptions:
     round_to: int = 8
     backend: str = "onnxruntime"
     precision: str = "fp32"
+    device: str = "cpu"  # where the engine runs: cpu | cuda
+    ort_provider: str | None = None  # ONNX Runtime on cuda: cuda (default) | tensorrt
     calib: str = "builtin"
     calib_size: int = 256
     recover_epochs: int = 0
     train: str | None = None
     max_batch: int = 64
     bench_batches: tuple[int, ...] | None = None
-    bench_iterations: int = 30
+    bench_iterations: int | None = None  # a fixed count; None: time-budgeted (bench_budget)
+    bench_budget: float = 60.0  # seconds of timed runs for the whole batch sweep
     exporter: str = "auto"
     out: str | None = None
     triton_repo: str | None = None
@@ -80,30 +84,91 @@ class BuildOptions:
         return cls(**values)
 
 
+# Bounds on sizes: nothing a real classifier uses lies outside them, and inside them the memory
+# a size needs is checked against what the machine has before any work starts.
+IMG_SIZE_RANGE = (16, 2048)
+CALIB_SIZE_MAX = 100_000
+BENCH_ITERATIONS_MAX = 100_000
+
+
 def validate_options(opts: BuildOptions) -> None:
-    """Reject bad input before any work is done (one line each)."""
+    """Reject bad input before any work is done or anything is written (one line each)."""
+    check_option_values(opts)
+    if opts.calib != "builtin" and not Path(opts.calib).is_dir():
+        raise UserError(f"calibration folder not found: {opts.calib}")
+    if opts.recover_epochs and opts.train not in (None, "demo") and not Path(opts.train).is_dir():
+        raise UserError(f"--train folder not found: {opts.train}")
+    if opts.weights not in ("hub", "none"):
+        from mpdeploy.models import check_weights_file
+
+        check_weights_file(Path(opts.weights))
+    if opts.img_size is not None:
+        from mpdeploy.data.calibration import check_calibration_memory
+
+        check_calibration_memory(opts.calib_size, (3, opts.img_size, opts.img_size))
+    from mpdeploy.backends import get_backend
+
+    if opts.bench_budget <= 0:
+        raise UserError(f"--bench-budget must be > 0 seconds (got {opts.bench_budget})")
+    # A precision, device or provider the backend lacks here fails now, before any work.
+    get_backend(opts.backend, require_available=False).check(engine_options(opts))
+
+
+def check_option_values(opts: BuildOptions) -> None:
+    """The checks that need nothing but the values (also run by the one-stage commands)."""
+    if any(ch in str(opts.model) for ch in "\n\r\t\x00"):
+        raise UserError(f"invalid --model {opts.model!r}: control characters in a model name")
     if not 0.0 <= opts.target_macs <= 0.95:
         raise UserError(f"--target-macs must be in [0, 0.95] (got {opts.target_macs})")
     parse_sparsity(opts.sparsity)
     if opts.method not in METHODS:
         raise UserError(f"unknown --method '{opts.method}': choose one of {', '.join(METHODS)}")
-    if opts.precision not in ("fp32", "fp16"):
-        raise UserError(f"--precision must be fp32 or fp16 (got {opts.precision})")
     if opts.max_batch < 1:
         raise UserError(f"--max-batch must be at least 1 (got {opts.max_batch})")
-    if opts.calib_size < 1:
-        raise UserError(f"--calib-size must be at least 1 (got {opts.calib_size})")
+    if not 1 <= opts.calib_size <= CALIB_SIZE_MAX:
+        raise UserError(f"--calib-size must be in [1, {CALIB_SIZE_MAX}] (got {opts.calib_size})")
+    if opts.num_classes is not None and opts.num_classes < 1:
+        raise UserError(
+            f"--num-classes must be at least 1 (got {opts.num_classes}): mpdeploy deploys "
+            "classifiers; a headless feature extractor has no logits to publish"
+        )
+    low, high = IMG_SIZE_RANGE
+    if opts.img_size is not None and not low <= opts.img_size <= high:
+        raise UserError(f"--img-size must be in [{low}, {high}] pixels (got {opts.img_size})")
     if opts.recover_epochs < 0:
         raise UserError("--recover-epochs must be ≥ 0")
     if opts.recover_epochs and not opts.train:
         raise UserError("--recover-epochs needs --train DIR (a labelled image folder, or 'demo')")
     if opts.round_to < 1:
         raise UserError("--round-to must be ≥ 1")
-    if opts.calib != "builtin" and not Path(opts.calib).is_dir():
-        raise UserError(f"calibration folder not found: {opts.calib}")
-    from mpdeploy.backends import get_backend
+    if opts.bench_iterations is not None and not 1 <= opts.bench_iterations <= BENCH_ITERATIONS_MAX:
+        raise UserError(
+            f"--bench-iterations must be in [1, {BENCH_ITERATIONS_MAX}] "
+            f"(got {opts.bench_iterations})"
+        )
+    for batch in opts.bench_batches or ():
+        if batch < 1:
+            raise UserError(f"--bench-batch must be at least 1 (got {batch})")
+        if batch > opts.max_batch:
+            raise UserError(
+                f"--bench-batch {batch} is larger than --max-batch {opts.max_batch}; "
+                "raise --max-batch or drop that batch size"
+            )
+    if opts.model_name is not None:
+        from mpdeploy.serving.repository import validate_model_name
 
-    get_backend(opts.backend)  # TensorRT requested where it is missing fails here, before work
+        validate_model_name(opts.model_name)
+
+
+def validate_stage_options(options: BuildOptions, overrides: dict[str, Any]) -> None:
+    """A one-stage command's options, merged with the build's, checked before anything runs."""
+    check_option_values(options)
+    if "backend" in overrides:
+        from mpdeploy.backends import get_backend
+
+        get_backend(options.backend, require_available=False).check(engine_options(options))
+    if overrides.get("train") not in (None, "demo") and not Path(overrides["train"]).is_dir():
+        raise UserError(f"--train folder not found: {overrides['train']}")
 
 
 def parse_sparsity(pattern: str | None) -> tuple[int, int] | None:
@@ -131,7 +196,8 @@ def default_out_dir(opts: BuildOptions) -> Path:
     if opts.sparsity != "off":
         parts.append(opts.sparsity.replace(":", "of"))
     parts.append("dense" if not parts else "")
-    parts = [p for p in parts if p] + [opts.backend, opts.precision]
+    device = [opts.ort_provider or opts.device] if opts.device != "cpu" else []
+    parts = [p for p in parts if p] + [opts.backend, *device, opts.precision]
     return Path("engines") / f"{short_name(opts.model)}-{'-'.join(parts)}"
 
 
@@ -397,6 +463,8 @@ def engine_options(opts: BuildOptions) -> Any:
         precision=opts.precision,
         max_batch=opts.max_batch,
         sparsity=opts.sparsity if opts.sparsity != "off" else None,
+        device=opts.device,
+        provider=opts.ort_provider,
     )
 
 
@@ -404,8 +472,9 @@ def stage_engine(ctx: BuildContext) -> StageOutcome:
     from mpdeploy.backends import get_backend
 
     backend = get_backend(ctx.options.backend)
-    onnx_name = "model.fp16.onnx" if ctx.options.precision == "fp16" else "model.onnx"
-    record = backend.build(ctx.path(onnx_name), ctx.build_dir, engine_options(ctx.options))
+    options = engine_options(ctx.options)
+    onnx_name = backend.source_onnx(options)
+    record = backend.build(ctx.path(onnx_name), ctx.build_dir, options)
     ctx.cache["engine"] = record
     headline = {
         "backend": record.backend,
@@ -437,6 +506,10 @@ def stage_verify(ctx: BuildContext) -> StageOutcome:
         precision=record.precision,
         artifact=record.artifact,
         batch_size=min(16, record.max_batch),
+        tolerances=backend.parity_tolerances(record.precision),
+        recheck_command=backend.recheck_command(
+            record, backend.parity_tolerances(record.precision)
+        ),
     )
     headline = {
         "parity": report.verdict,
@@ -466,6 +539,7 @@ def stage_bench(ctx: BuildContext) -> StageOutcome:
         options=BenchOptions(
             batches=opts.bench_batches,
             iterations=opts.bench_iterations,
+            budget_seconds=opts.bench_budget,
             max_batch=opts.max_batch,
             exporter=opts.exporter,
             same_model=opts.target_macs <= 0 and parse_sparsity(opts.sparsity) is None,
@@ -562,21 +636,27 @@ def build(
         raise UserError(f"{out} exists and is not a directory")
     _require_writable(out.parent)
     if opts.triton_repo:
-        _require_writable_repo(Path(opts.triton_repo))
+        _require_writable_repo(Path(opts.triton_repo), opts)
 
-    with atomic_dir(out, replace=opts.force) as tmp:
-        ctx = BuildContext(tmp, opts, Manifest.create(tmp, opts.to_dict()), progress=progress)
-        _run_all(ctx, stages)
-        manifest = ctx.manifest.payload
-    final_manifest = Manifest(out, manifest)
-    published = None
-    if opts.triton_repo:
-        from mpdeploy.serving import publish
+    with exclusive(build_lock_path(out), f"build directory {out}"):
+        remove_stale_debris(out.parent, out.name)
+        if out.exists() and not opts.force:  # finished by another process since the check above
+            raise UserError(f"{out} already exists; pass --force to replace it")
+        with atomic_dir(out, replace=opts.force) as tmp:
+            ctx = BuildContext(tmp, opts, Manifest.create(tmp, opts.to_dict()), progress=progress)
+            _run_all(ctx, stages)
+            manifest = ctx.manifest.payload
+        final_manifest = Manifest(out, manifest)
+        published = None
+        if opts.triton_repo:
+            from mpdeploy.serving import publish
 
-        result = publish(out, Path(opts.triton_repo), name=opts.model_name)
-        published = f"{result.name}/{result.version}"
-        final_manifest.payload["headline"]["published"] = str(Path(opts.triton_repo) / published)
-        final_manifest.save()
+            result = publish(out, Path(opts.triton_repo), name=opts.model_name)
+            published = f"{result.name}/{result.version}"
+            final_manifest.payload["headline"]["published"] = str(
+                Path(opts.triton_repo) / published
+            )
+            final_manifest.save()
     return BuildResult(out, final_manifest.payload, published)
 
 
@@ -613,13 +693,35 @@ def run_stages_on(
     *,
     progress: bool = True,
 ) -> Manifest:
-    """Re-run stages on an existing build directory (the one-stage CLI commands)."""
+    """Re-run stages on an existing build directory (the one-stage CLI commands).
+
+    The options are checked before anything is written; the manifest's options change only
+    when every stage ran through (a failed stage is recorded as failed, under the old options).
+    """
     manifest = Manifest.load(build_dir)
-    options = BuildOptions.from_dict({**manifest.options, **(overrides or {})})
-    manifest.payload["options"] = options.to_dict()
-    ctx = BuildContext(Path(build_dir), options, manifest, progress=progress)
-    for name in names:
-        run_stage(ctx, name)
+    previous = manifest.options
+    try:
+        options = BuildOptions.from_dict({**previous, **(overrides or {})})
+    except TypeError as exc:
+        raise UserError(
+            f"{build_dir}/manifest.json: options do not fit this mpdeploy ({exc})"
+        ) from None
+    validate_stage_options(options, overrides or {})
+    build_dir = Path(build_dir)
+    with exclusive(build_lock_path(build_dir), f"build directory {build_dir}"):
+        manifest = Manifest.load(build_dir)  # as it is now that no one else writes it
+        for folder in (build_dir, *(p for p in build_dir.iterdir() if p.is_dir())):
+            remove_stale_debris(folder)
+        manifest.payload["options"] = options.to_dict()
+        ctx = BuildContext(build_dir, options, manifest, progress=progress)
+        try:
+            for name in names:
+                run_stage(ctx, name)
+        except BaseException:
+            manifest.payload["options"] = previous
+            if (build_dir / "manifest.json").is_file():
+                manifest.save()
+            raise
     return manifest
 
 
@@ -631,7 +733,20 @@ def _require_writable(directory: Path) -> None:
         raise UserError(f"cannot write to {directory}")
 
 
-def _require_writable_repo(repo: Path) -> None:
+def _require_writable_repo(repo: Path, opts: BuildOptions) -> None:
+    """The target repository is checked before the first stage, not after the whole build."""
     if repo.exists() and not repo.is_dir():
         raise UserError(f"--triton-repo {repo} is a file, not a directory")
     _require_writable(repo)
+    from mpdeploy.models import short_name
+    from mpdeploy.serving.config import read_config
+
+    name = opts.model_name or short_name(opts.model)
+    config = repo / name / "config.pbtxt"
+    if config.is_file():
+        read_config(config)  # a malformed config is a UserError naming the file
+    elif (repo / name).exists():
+        raise UserError(
+            f"{repo / name}: exists without a config.pbtxt; remove it or publish under another "
+            "--name"
+        )

@@ -7,7 +7,6 @@ import dataclasses
 import io
 import logging
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Literal
 import torch
 
 from mpdeploy.errors import UserError
+from mpdeploy.fileio import scratch_dir
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ def export_onnx(
     model = model.eval()
     example = torch.randn(2, *input_shape)  # batch ≥ 2: the dynamo exporter specialises 0/1
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".export-") as tmp:
-        raw = Path(tmp) / "raw.onnx"
+    with scratch_dir(out_path.parent, ".export-") as tmp:  # pid-named: stale once we are gone
+        raw = tmp / "raw.onnx"
         used, fallback_reason = _export(model, example, raw, exporter)
         proto = _load(raw)
         nodes_before = len(proto.graph.node)
@@ -162,8 +162,8 @@ def save_checked(proto, out_path: Path, *, what: str = "ONNX") -> bool:
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     external = proto.ByteSize() > EXTERNAL_DATA_THRESHOLD
-    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".onnx-") as tmp:
-        staged = Path(tmp) / out_path.name
+    with scratch_dir(out_path.parent, ".onnx-") as tmp:
+        staged = tmp / out_path.name
         if external:
             onnx.save_model(
                 proto,
