@@ -374,21 +374,83 @@ def main(argv: list[str] | None = None) -> int:
     # Busy-waiting OpenMP threads made MP analysis ~8× slower on a shared 2-core machine; a user
     # who wants spinning sets OMP_WAIT_POLICY=ACTIVE. Must happen before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from mpdeploy.errors import DiskError, Terminated, disk_error
+
+    restore = _terminate_like_interrupt()
     try:
         cli.main(args=argv, prog_name="mpdeploy", standalone_mode=False)
     except UserError as exc:
-        click.echo(f"mpdeploy: error: {exc}", err=True)
+        click.echo(f"mpdeploy: error: {_single_line(str(exc))}", err=True)
         return exc.exit_code
+    except Terminated as exc:
+        click.echo(f"mpdeploy: terminated by signal {exc.signum}; partial output removed", err=True)
+        return 128 + exc.signum
     except click.exceptions.Abort:
         click.echo("mpdeploy: aborted", err=True)
         return 130
     except click.ClickException as exc:
-        click.echo(f"mpdeploy: error: {exc.format_message()}", err=True)
+        click.echo(f"mpdeploy: error: {_single_line(exc.format_message())}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
         click.echo("mpdeploy: interrupted", err=True)
         return 130
+    except Exception as exc:
+        reason = disk_error(exc)
+        if reason is None:
+            raise
+        click.echo(f"mpdeploy: error: {_single_line(reason)}; partial output removed", err=True)
+        return DiskError.exit_code
+    finally:
+        restore()
     return 0
+
+
+def _single_line(message: str) -> str:
+    """User input (a model name, a path) may hold newlines; the promise is one line."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _terminate_like_interrupt():
+    """SIGTERM/SIGHUP (timeout, CI cancels, Kubernetes) unwind like Ctrl-C: every `finally`
+    removes its partial output. Returns a function that restores the previous handlers."""
+    import signal
+    import threading
+
+    from mpdeploy.errors import Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    received: list[int] = []
+
+    def terminate(signum, frame):
+        received.append(signum)
+        if _swallows_exceptions(frame):  # retry in 50 ms rather than lose the signal
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            return
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut cleanup short
+            signal.signal(sig, signal.SIG_IGN)
+        raise Terminated(received[0])
+
+    def retry(signum, frame):
+        terminate(received[0], frame)
+
+    signals = (signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, terminate) for sig in signals}
+    previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, retry)
+
+    def restore():
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+def _swallows_exceptions(frame) -> bool:
+    """Python ignores exceptions raised in weakref callbacks and finalizers (importlib's module
+    lock callbacks are a common place for a signal to land)."""
+    code = frame.f_code if frame is not None else None
+    return code is None or code.co_filename.startswith("<frozen") or code.co_name == "__del__"
 
 
 if __name__ == "__main__":

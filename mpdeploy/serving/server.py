@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mpdeploy.errors import MissingDependencyError, UserError
+from mpdeploy.fileio import remove_stale_debris
+from mpdeploy.serving.ports import check_ports
 
 INSTALL_HINT = "pip install 'mpdeploy[serve]'"
 _POLL_S = 0.2
@@ -116,6 +118,8 @@ class TritonServer:
     def start(self) -> None:
         if not self.repo.is_dir():
             raise UserError(f"{self.repo}: model repository not found")
+        check_ports(self.http_port, self.grpc_port)
+        remove_stale_debris(tempfile.gettempdir(), "mpdeploy-tritonserver")  # killed servers'
         _require_numpy_below_2()
         bundle = find_bundled_server()
         self._workdir = Path(tempfile.mkdtemp(prefix="mpdeploy-tritonserver-"))
@@ -232,6 +236,7 @@ def serve(
     echo: Callable[[str], None] | None = None,
 ) -> None:
     """Serve `repo` on 127.0.0.1 until Ctrl-C or SIGTERM, printing endpoints and model states."""
+    check_ports(http_port, grpc_port)
     echo = echo or functools.partial(print, flush=True)  # flushed: the caller may be piped
     with (
         _sigterm_as_interrupt(),
