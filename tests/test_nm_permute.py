@@ -11,8 +11,8 @@ import torch
 import mpdeploy.models  # noqa: F401  (torchvision shim before timm)
 
 import timm  # isort: skip
+from mpdeploy.families import get_family
 from mpdeploy.prune import cast, permute
-from mpdeploy.prune.adapters import get_adapter
 from mpdeploy.prune.layout import layer_layouts
 
 MODELS = [
@@ -44,7 +44,7 @@ def test_permuted_model_equals_the_dense_model(name, kwargs):
     model = timm.create_model(name, **kwargs).eval()
     images = torch.randn(4, 3, 64, 64)
     eligible = {lay.name: lay.eligible for lay in layer_layouts(model, 4)}
-    groups = get_adapter(model).channel_groups(model)
+    groups = get_family(model).channel_groups(model)
     consumers = [g.consumer_module for g in groups]
     energy = cast.capture_channel_energy(model, consumers, images)
     permuted = copy.deepcopy(model)
@@ -65,7 +65,7 @@ def test_permuted_model_equals_the_dense_model(name, kwargs):
 def test_attention_permutes_only_v_rows_and_proj_columns():
     torch.manual_seed(0)
     model = timm.create_model("test_vit").eval()
-    group = get_adapter(model).channel_groups(model)[0]
+    group = get_family(model).channel_groups(model)[0]
     assert group.kind == "attn_heads"
     before = {k: v.clone() for k, v in model.state_dict().items()}
     energy = {group.consumer_module: torch.rand(group.width)}
@@ -78,7 +78,7 @@ def test_attention_permutes_only_v_rows_and_proj_columns():
 
 def test_groups_without_an_exact_fold_are_left_alone_and_recorded():
     model = timm.create_model("test_vit").eval()
-    groups = get_adapter(model).channel_groups(model)[:2]
+    groups = get_family(model).channel_groups(model)[:2]
     eligible = {g.consumer_module: False for g in groups}
     before = copy.deepcopy(model.state_dict())
     records = permute.permute_groups(model, groups, {}, 4, eligible)
@@ -89,6 +89,6 @@ def test_groups_without_an_exact_fold_are_left_alone_and_recorded():
 
 def test_heads_whose_dim_is_not_a_multiple_of_n_are_not_permuted():
     model = timm.create_model("test_vit", embed_dim=96, num_heads=4).eval()  # head_dim 24
-    group = get_adapter(model).channel_groups(model)[0]
+    group = get_family(model).channel_groups(model)[0]
     (record,) = permute.permute_groups(model, [group], {}, 16, {group.consumer_module: True})
     assert not record.permuted and record.reason.startswith("head_dim 24 is not a multiple of n=16")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_prune_fixtures import FAMILY_CASES, input_size, make_model
 
-from mpdeploy.prune.adapters import get_adapter
+from mpdeploy.families import get_family
 from mpdeploy.prune.criteria import (
     CRITERIA,
     MPAbsoluteCriterion,
@@ -34,11 +34,11 @@ def module_inputs(model, names, calib):
 
 def test_residual_modules_are_the_block_inputs():
     vit = make_model("test_vit", {})
-    names = {g.name: g.residual_module for g in get_adapter(vit).channel_groups(vit)}
+    names = {g.name: g.residual_module for g in get_family(vit).channel_groups(vit)}
     assert names["blocks.0.attn"] == "blocks.0.norm1"
     assert names["blocks.0.mlp"] == "blocks.0.norm2"
     convnext = make_model("test_convnext", {})
-    group = get_adapter(convnext).channel_groups(convnext)[0]
+    group = get_family(convnext).channel_groups(convnext)[0]
     assert group.residual_module == "stages.0.blocks.0.conv_dw"
 
 
@@ -46,7 +46,7 @@ def test_mp_divides_the_output_energy_by_the_residual_energy_by_hand():
     model = make_model("test_vit", {})
     torch.manual_seed(3)
     calib = torch.randn(6, *input_size(model))
-    groups = get_adapter(model).channel_groups(model)
+    groups = get_family(model).channel_groups(model)
     weights = {"blocks.1.mlp.fc2": 0.5, "blocks.1.attn.proj": 2.0}
     ctx = ScoringContext(calib, weights, batch_size=4)  # two batches: the averages must combine
     scores = MPCriterion().unit_scores(model, groups, ctx)
@@ -77,7 +77,7 @@ def test_mp_divides_the_output_energy_by_the_residual_energy_by_hand():
 def test_convnext_residual_energy_is_per_spatial_position():
     model = make_model("test_convnext", {"conv_mlp": True})
     calib = torch.randn(3, *input_size(model))
-    groups = get_adapter(model).channel_groups(model)[2:3]
+    groups = get_family(model).channel_groups(model)[2:3]
     ctx = ScoringContext(calib, {}, max_rows=10**9)
     scores = MPCriterion().unit_scores(model, groups, ctx)[groups[0].name]
     absolute = MPAbsoluteCriterion().unit_scores(model, groups, ctx)[groups[0].name]
@@ -89,7 +89,7 @@ def test_convnext_residual_energy_is_per_spatial_position():
 
 def test_resnet_groups_are_not_residual_normalised():
     model = make_model("test_resnet", {})
-    groups = get_adapter(model).channel_groups(model)
+    groups = get_family(model).channel_groups(model)
     assert all(g.residual_module is None for g in groups)
     calib = torch.randn(3, *input_size(model))
     ctx = ScoringContext(calib, {})
@@ -104,7 +104,7 @@ def test_mp_scores_are_finite_and_positive(name, kwargs):
     model = make_model(name, kwargs)
     torch.manual_seed(1)
     calib = torch.randn(3, *input_size(model))
-    groups = get_adapter(model).channel_groups(model)
+    groups = get_family(model).channel_groups(model)
     assert all((g.residual_module is None) == (name == "test_resnet") for g in groups)
     scores = MPCriterion().unit_scores(model, groups, ScoringContext(calib, {}))
     for group in groups:

@@ -11,19 +11,10 @@ import mpdeploy.models  # noqa: F401  (torchvision shim before timm)
 # isort: split
 import timm
 
-from mpdeploy.prune.adapters import get_adapter
+from mpdeploy.families import get_family, registered_families
 
-# (timm name, kwargs): every supported family and block variant, at test size
-FAMILY_CASES = [
-    ("mpdeploy_demo_vit", {}),
-    ("test_vit", {}),
-    ("test_vit", {"qk_norm": True, "qkv_bias": False}),
-    ("test_convnext", {}),  # ConvNeXt: Linear MLP, layer scale
-    ("test_convnext", {"conv_mlp": True}),  # 1×1-conv MLP
-    ("test_convnext", {"use_grn": True, "ls_init_value": None}),  # ConvNeXtV2 (Linear + GRN)
-    ("test_convnext", {"use_grn": True, "ls_init_value": None, "conv_mlp": True}),  # V2 atto-style
-    ("test_resnet", {}),  # basic + bottleneck blocks, deep stem, avg-down (ResNet-D)
-]
+# (timm name, kwargs): every registered family's test cases, at test size
+FAMILY_CASES = [case for family in registered_families() for case in family.test_cases]
 CASE_IDS = [
     f"{name}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}"
     for name, kw in FAMILY_CASES
@@ -54,7 +45,7 @@ def random_keep(model: torch.nn.Module, fraction: float = 0.5, seed: int = 1) ->
     """Kept channel indices per group: a random `fraction` of whole units (≥ 1 unit)."""
     gen = torch.Generator().manual_seed(seed)
     keep = {}
-    for group in get_adapter(model).channel_groups(model):
+    for group in get_family(model).channel_groups(model):
         count = max(1, int(group.units * fraction))
         units = torch.randperm(group.units, generator=gen)[:count]
         keep[group.name] = (units[:, None] * group.unit + torch.arange(group.unit)).flatten()
@@ -66,7 +57,7 @@ def masked_twin(model: torch.nn.Module, keep: dict) -> torch.nn.Module:
     twin = copy.deepcopy(model)
     params = dict(twin.named_parameters())
     with torch.no_grad():
-        for group in get_adapter(model).channel_groups(model):
+        for group in get_family(model).channel_groups(model):
             removed = torch.ones(group.width, dtype=torch.bool)
             removed[torch.as_tensor(keep[group.name])] = False
             index = removed.nonzero().squeeze(1)
@@ -80,6 +71,9 @@ def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
     return float((reference - other).abs().max() / reference.abs().max())
 
 
-def test_cases_cover_every_supported_family():
-    families = {get_adapter(make_model(name, kwargs)).family for name, kwargs in FAMILY_CASES}
-    assert families == {"vit", "convnext", "resnet"}
+def test_cases_cover_every_registered_family():
+    """Each family's test cases are models of that family (so the parametrised tests cover it)."""
+    for family in registered_families():
+        assert family.test_cases, f"family {family.name} registers no test case"
+        for name, kwargs in family.test_cases:
+            assert get_family(make_model(name, kwargs)) is family

@@ -11,9 +11,9 @@ import torch
 from test_prune_fixtures import input_size, make_model
 
 from mpdeploy.errors import UserError
+from mpdeploy.families import get_family
 from mpdeploy.models.spec import ModelSpec
 from mpdeploy.prune import PruneConfig, prune_model
-from mpdeploy.prune.adapters import get_adapter
 from mpdeploy.prune.criteria import (
     CRITERIA,
     MPAbsoluteCriterion,
@@ -58,7 +58,7 @@ def consumer_inputs(model, module_name, calib):
 def test_absolute_mp_score_is_the_units_output_energy_over_the_budget_weight(demo):
     # The residual-normalised default is checked by hand in test_prune_criteria.py.
     model, calib = demo
-    groups = get_adapter(model).channel_groups(model)
+    groups = get_family(model).channel_groups(model)
     weights = {"blocks.1.attn.proj": 2.0, "blocks.1.mlp.fc2": 0.5}
     scores = MPAbsoluteCriterion().unit_scores(
         model, groups, ScoringContext(calib, weights, batch_size=5)
@@ -79,7 +79,7 @@ def test_absolute_mp_score_is_the_units_output_energy_over_the_budget_weight(dem
 
 def test_mp_score_of_a_3x3_conv_channel_is_its_output_energy():
     model = make_model("test_resnet", {})
-    groups = [g for g in get_adapter(model).channel_groups(model) if g.name == "layer1.0.conv1"]
+    groups = [g for g in get_family(model).channel_groups(model) if g.name == "layer1.0.conv1"]
     calib = torch.randn(2, *input_size(model))
     ctx = ScoringContext(calib, {}, max_rows=10**9)
     scores = MPCriterion().unit_scores(model, groups, ctx)["layer1.0.conv1"]
@@ -97,7 +97,7 @@ def test_mp_score_of_a_3x3_conv_channel_is_its_output_energy():
 
 def test_taylor_scores_are_finite_and_not_all_equal(demo):
     model, calib = demo
-    groups = get_adapter(model).channel_groups(model)
+    groups = get_family(model).channel_groups(model)
     scores = TaylorCriterion().unit_scores(model, groups, ScoringContext(calib, {}))
     for group in groups:
         assert scores[group.name].shape == (group.units,)
@@ -121,7 +121,7 @@ def test_prune_model_reaches_the_mac_target_with_rounded_widths(demo, method):
     assert result.headline["pruned_macs"] == pruned and result.headline["dense_macs"] == dense
     assert set(result.headline) >= HEADLINE_KEYS
     widths = result.spec.widths
-    for group in get_adapter(model).channel_groups(model):
+    for group in get_family(model).channel_groups(model):
         kept = widths[group.name]
         if group.kind == "attn_heads":
             assert kept % group.unit == 0 and kept >= group.unit
@@ -164,7 +164,7 @@ def test_bad_inputs_are_one_line_user_errors(demo):
         prune_model(model, calib, None, PruneConfig(0.5, method="l1"))
     with pytest.raises(UserError, match="out of reach"):
         prune_model(model, calib, None, PruneConfig(0.98, method="magnitude"))
-    with pytest.raises(UserError, match="no adapter"):
+    with pytest.raises(UserError, match="no family"):
         prune_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), calib, None, PruneConfig(0.5))
 
 

@@ -22,11 +22,11 @@ from mpdeploy.backends.onnxruntime import make_session
 from mpdeploy.data.calibration import load_calibration
 from mpdeploy.errors import UserError
 from mpdeploy.export import INPUT_NAME, export_onnx
+from mpdeploy.families import get_family
+from mpdeploy.families.convnext import ExactGlobalResponseNorm
+from mpdeploy.families.surgery import group_widths, prune_groups, resize_to_widths
 from mpdeploy.models import data_config_for
 from mpdeploy.models.spec import ModelSpec, load_model, save_model
-from mpdeploy.prune.adapters import get_adapter
-from mpdeploy.prune.adapters.convnext import ExactGlobalResponseNorm
-from mpdeploy.prune.surgery import group_widths, prune_groups, resize_to_widths
 
 TOLERANCE = 1e-5  # relative to the largest logit
 
@@ -50,7 +50,7 @@ def test_pruned_model_equals_masked_twin(name, kwargs):
             assert relative_error(reference, dense) > 1e-3  # the cut really changed the model
     dense_params = sum(p.numel() for p in model.parameters())
     assert sum(p.numel() for p in pruned.parameters()) < 0.8 * dense_params
-    for group in get_adapter(pruned).channel_groups(pruned):
+    for group in get_family(pruned).channel_groups(pruned):
         assert group.width == len(keep[group.name])
 
 
@@ -85,7 +85,7 @@ def test_grn_cut_keeps_the_dense_channel_mean():
 
 def test_resnet_groups_cover_inner_channels_only():
     model = make_model("test_resnet", {})
-    groups = {g.name: g for g in get_adapter(model).channel_groups(model)}
+    groups = {g.name: g for g in get_family(model).channel_groups(model)}
     bottleneck = [n for n in groups if n.startswith("layer3.0.")]
     assert bottleneck == [
         "layer3.0.conv1",
@@ -146,8 +146,8 @@ def test_bad_widths_and_indices_are_user_errors():
 
 def test_unsupported_family_names_the_supported_ones():
     model = timm.create_model("test_efficientnet", pretrained=False)
-    with pytest.raises(UserError, match=r"no adapter for EfficientNet.*vit.*convnext.*resnet"):
-        get_adapter(model)
+    with pytest.raises(UserError, match=r"no family for EfficientNet.*vit.*convnext.*resnet"):
+        get_family(model)
 
 
 @pytest.mark.parametrize(

@@ -56,7 +56,7 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
         spec.architecture, pretrained=False, num_classes=spec.num_classes, **spec.model_kwargs
     )
     if spec.widths:
-        from mpdeploy.prune.surgery import resize_to_widths
+        from mpdeploy.families.surgery import resize_to_widths
 
         resize_to_widths(model, spec.widths)
     return model.eval()

@@ -1,7 +1,7 @@
 """Pruning: what can be removed together, how it is scored, how much is cut where, and MACs.
 
 `prune_model(model, calib, spectrum, PruneConfig(...)) -> PruneResult` is the prune stage; the
-names are loaded on first use so that importing `mpdeploy.prune.groups` stays cheap.
+names are loaded on first use so that importing `mpdeploy.prune` stays cheap.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from mpdeploy.errors import UserError
-from mpdeploy.prune.groups import ChannelGroup
+from mpdeploy.families.groups import ChannelGroup
 
 
 @dataclasses.dataclass(frozen=True)

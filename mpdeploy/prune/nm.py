@@ -265,13 +265,13 @@ def _unexecuted(lay: LayerLayout) -> LayerLayout:
 
 
 def _permute(model, images, config, eligible) -> list[permute.PermutationRecord]:
-    from mpdeploy.prune.adapters import get_adapter
+    from mpdeploy.families import channel_groups
 
     try:
-        groups = get_adapter(model).channel_groups(model)
+        groups = channel_groups(model)
     except UserError as exc:
         log.warning("no channel permutation for k:n: %s", exc)
-        return [permute.PermutationRecord("*", "-", "-", False, f"no adapter: {exc}")]
+        return [permute.PermutationRecord("*", "-", "-", False, f"no family: {exc}")]
     consumers = sorted(
         {
             g.consumer_module

@@ -22,7 +22,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from mpdeploy.prune.groups import ChannelGroup, ParamSlice
+from mpdeploy.families.groups import ChannelGroup, ParamSlice
 
 PERMUTABLE_KINDS = ("mlp_hidden", "conv_inner", "attn_heads")
 

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from mpdeploy.errors import UserError
-from mpdeploy.prune.groups import ChannelGroup
+from mpdeploy.families import get_family
+from mpdeploy.families.groups import ChannelGroup
 
 MIN_CHANNELS = 8  # never keep fewer neurons/channels in a layer (heads: at least one)
 
@@ -65,25 +66,24 @@ def prune_model(
     input_shape: tuple[int, int, int] | None = None,
 ) -> PruneResult:
     """Remove the lowest-importance units of a copy of `model` until `target_macs` is reached."""
-    from mpdeploy.prune.adapters import get_adapter
+    from mpdeploy.families.surgery import group_widths, prune_groups
     from mpdeploy.prune.criteria import ScoringContext, get_criterion
     from mpdeploy.prune.macs import count_macs
-    from mpdeploy.prune.surgery import group_widths, prune_groups
 
     if not 0.0 < config.target_macs < 1.0:
         raise UserError(f"target MAC reduction must lie in (0, 1) (got {config.target_macs})")
     if config.round_to < 1:
         raise UserError(f"round_to must be at least 1 (got {config.round_to})")
     criterion = get_criterion(config.method)
-    adapter = get_adapter(model)
+    family = get_family(model)
     model = model.eval()
     if input_shape is None:
         if calib is None:
             raise UserError("prune_model needs input_shape or a calibration batch")
         input_shape = tuple(calib.shape[1:])
-    groups = adapter.channel_groups(model)
+    groups = family.channel_groups(model)
     dense_count = count_macs(model, (1, *input_shape))
-    unit_macs = estimate_unit_macs(model, groups, adapter, dense_count)
+    unit_macs = estimate_unit_macs(model, groups, family, dense_count)
     ctx = ScoringContext(
         calib=calib,
         budget_weights=budget_weights(spectrum),
@@ -122,7 +122,7 @@ def prune_model(
         headline.update(logit_effect(model, pruned, calib, config.batch_size))
     plan = {
         "method": config.method,
-        "family": adapter.family,
+        "family": family.name,
         "target_macs": config.target_macs,
         "tolerance": config.tolerance,
         "round_to": config.round_to,
@@ -159,12 +159,12 @@ def budget_weights(spectrum: Any) -> dict[str, float]:
 
 
 def estimate_unit_macs(
-    model: nn.Module, groups: list[ChannelGroup], adapter: Any, dense_count: Any
+    model: nn.Module, groups: list[ChannelGroup], family: Any, dense_count: Any
 ) -> dict[str, float]:
     """MACs one unit of each group costs, from the per-layer counts of one real forward.
 
     A weight slice along `dim` costs layer_macs / size(dim) per channel (a fused qkv row, an fc2
-    column, a conv filter); the adapter adds per-channel work outside weights (attention matmuls).
+    column, a conv filter); the family adds per-channel work outside weights (attention matmuls).
     """
     layer_macs = {layer.name: layer.macs for layer in dense_count.layers}
     positions = {}
@@ -174,7 +174,7 @@ def estimate_unit_macs(
     params = dict(model.named_parameters())
     out = {}
     for group in groups:
-        per_channel = adapter.extra_channel_macs(group, positions)
+        per_channel = family.extra_channel_macs(group, positions)
         for piece in (*group.producers, *group.consumers):
             module_name, _, attr = piece.name.rpartition(".")
             tensor = params.get(piece.name)

@@ -1,7 +1,7 @@
 """Exact structured removal: rebuild a model's modules at smaller widths, keeping chosen channels.
 
 `prune_groups` slices every producer and consumer tensor of each group (as listed by the
-family's adapter), brings the owning modules' size attributes in line, and lets the adapter fix
+model's family), brings the owning modules' size attributes in line, and lets the family fix
 family state (attention head count, GRN channel mean). `resize_to_widths` does the same with the
 first k channels of a freshly built model, so `ModelSpec.widths` rebuilds a pruned architecture
 whose weights then come from `load_state_dict`.
@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from mpdeploy.errors import UserError
-from mpdeploy.prune.groups import ChannelGroup
+from mpdeploy.families import channel_groups, get_family
+from mpdeploy.families.groups import ChannelGroup
 
 
 def prune_groups(model: nn.Module, keep: Mapping[str, Sequence[int] | torch.Tensor]) -> nn.Module:
@@ -24,10 +25,8 @@ def prune_groups(model: nn.Module, keep: Mapping[str, Sequence[int] | torch.Tens
     Indices are channel indices in [0, width) and must cover whole units (whole heads).
     Groups not named in `keep` are left as they are.
     """
-    from mpdeploy.prune.adapters import get_adapter
-
-    adapter = get_adapter(model)
-    groups = {g.name: g for g in adapter.channel_groups(model)}
+    family = get_family(model)
+    groups = {g.name: g for g in family.channel_groups(model)}
     unknown = sorted(set(keep) - set(groups))
     if unknown:
         raise UserError(f"no prunable group named {', '.join(unknown[:3])} in this model")
@@ -37,15 +36,13 @@ def prune_groups(model: nn.Module, keep: Mapping[str, Sequence[int] | torch.Tens
         if len(kept) == group.width:
             continue
         _slice_group(model, group, kept)
-        adapter.after_cut(model, group, len(kept))
+        family.after_cut(model, group, len(kept))
     return model
 
 
 def resize_to_widths(model: nn.Module, widths: Mapping[str, int]) -> nn.Module:
     """Shrink a dense model to `widths` (group name → kept channels); values are not meaningful."""
-    from mpdeploy.prune.adapters import get_adapter
-
-    groups = {g.name: g for g in get_adapter(model).channel_groups(model)}
+    groups = {g.name: g for g in channel_groups(model)}
     keep = {}
     for name, width in widths.items():
         group = groups.get(name)
@@ -62,9 +59,7 @@ def resize_to_widths(model: nn.Module, widths: Mapping[str, int]) -> nn.Module:
 
 def group_widths(model: nn.Module) -> dict[str, int]:
     """The current width of every prunable group (what `ModelSpec.widths` records)."""
-    from mpdeploy.prune.adapters import get_adapter
-
-    return {g.name: g.width for g in get_adapter(model).channel_groups(model)}
+    return {g.name: g.width for g in channel_groups(model)}
 
 
 def _checked_indices(group: ChannelGroup, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:

@@ -12,13 +12,20 @@ import dataclasses
 from torch import nn
 
 from mpdeploy.errors import UserError
-from mpdeploy.prune.adapters import Adapter, mlp_hidden_group, require_identity
-from mpdeploy.prune.groups import ChannelGroup, ParamSlice
+from mpdeploy.families import Family, register_family
+from mpdeploy.families.common import mlp_hidden_group, require_identity
+from mpdeploy.families.groups import ChannelGroup, ParamSlice
 
 
-class ViTAdapter(Adapter):
-    family = "vit"
+@register_family
+class ViTFamily(Family):
+    name = "vit"
     examples = ("vit_*", "deit_*", "test_vit", "mpdeploy_demo_vit")
+    test_cases = (
+        ("mpdeploy_demo_vit", {}),
+        ("test_vit", {}),
+        ("test_vit", {"qk_norm": True, "qkv_bias": False}),
+    )
 
     def matches(self, model: nn.Module) -> bool:
         from timm.models.vision_transformer import VisionTransformer

@@ -10,8 +10,9 @@ from __future__ import annotations
 from torch import nn
 
 from mpdeploy.errors import UserError
-from mpdeploy.prune.adapters import Adapter, require_identity
-from mpdeploy.prune.groups import ChannelGroup, ParamSlice
+from mpdeploy.families import Family, register_family
+from mpdeploy.families.common import require_identity
+from mpdeploy.families.groups import ChannelGroup, ParamSlice
 
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
@@ -43,9 +44,12 @@ def conv_bn_group(block: nn.Module, path: str, conv: str, bn: str, consumer: str
     )
 
 
-class ResNetAdapter(Adapter):
-    family = "resnet"
+@register_family
+class ResNetFamily(Family):
+    name = "resnet"
     examples = ("resnet*", "resnet*d", "test_resnet")
+    # basic + bottleneck blocks, deep stem, avg-down (ResNet-D)
+    test_cases = (("test_resnet", {}),)
 
     def matches(self, model: nn.Module) -> bool:
         from timm.models.resnet import ResNet

@@ -1,6 +1,6 @@
 """Channel groups: sets of channels inside a block that are removed, or permuted, together.
 
-An adapter (`prune/adapters/<family>.py`) lists a model's groups; criteria score them, the planner
+A family (`families/<family>.py`) lists a model's groups; criteria score them, the planner
 picks what to cut, surgery cuts it, and N:M permutation reorders channels inside them. A group's
 channels index dimension `dim` of every producer slice (the layers that write them, their biases
 and per-channel norms) and of every consumer slice (the weight that reads them).

@@ -11,17 +11,16 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import nn
 
-import mpdeploy.models  # noqa: F401  (torchvision shim before timm)
-
-# isort: split
+# the package mpdeploy.families applies the torchvision shim before this timm import
 from timm.layers import GlobalResponseNormMlp, Mlp
 from timm.layers.grn import GlobalResponseNorm
+from torch import nn
 
 from mpdeploy.errors import UserError
-from mpdeploy.prune.adapters import Adapter, mlp_hidden_group
-from mpdeploy.prune.groups import ChannelGroup
+from mpdeploy.families import Family, register_family
+from mpdeploy.families.common import mlp_hidden_group
+from mpdeploy.families.groups import ChannelGroup
 
 GRN_PARAMS = ("grn.weight", "grn.bias")  # per-channel gamma, beta: producers of the hidden channels
 
@@ -50,9 +49,16 @@ class ExactGlobalResponseNorm(GlobalResponseNorm):
         return exact
 
 
-class ConvNeXtAdapter(Adapter):
-    family = "convnext"
+@register_family
+class ConvNeXtFamily(Family):
+    name = "convnext"
     examples = ("convnext_*", "convnextv2_*", "test_convnext")
+    test_cases = (
+        ("test_convnext", {}),  # ConvNeXt: Linear MLP, layer scale
+        ("test_convnext", {"conv_mlp": True}),  # 1×1-conv MLP
+        ("test_convnext", {"use_grn": True, "ls_init_value": None}),  # ConvNeXtV2 (Linear + GRN)
+        ("test_convnext", {"use_grn": True, "ls_init_value": None, "conv_mlp": True}),  # V2 atto
+    )
 
     def matches(self, model: nn.Module) -> bool:
         from timm.models.convnext import ConvNeXt
