@@ -103,12 +103,31 @@ def engine_options(fn):
         show_default=True,
         help="Largest batch the engine (and Triton) accepts.",
     )(fn)
+    from mpdeploy.backends import all_devices, all_precisions, backend_names
+
     fn = click.option(
-        "--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True
+        "--ort-provider",
+        type=click.Choice(["cuda", "tensorrt"]),
+        default=None,
+        help="ONNX Runtime on --device cuda: its CUDA (default) or TensorRT execution provider.",
+    )(fn)
+    fn = click.option(
+        "--device",
+        type=click.Choice(all_devices()),
+        default="cpu",
+        show_default=True,
+        help="Where the engine runs (tensorrt: always cuda).",
+    )(fn)
+    fn = click.option(
+        "--precision",
+        type=click.Choice(all_precisions()),
+        default="fp32",
+        show_default=True,
+        help="Each backend accepts its own subset (openvino: fp32, bf16).",
     )(fn)
     fn = click.option(
         "--backend",
-        type=click.Choice(["onnxruntime", "tensorrt"]),
+        type=click.Choice(backend_names()),
         default="onnxruntime",
         show_default=True,
     )(fn)
@@ -176,7 +195,19 @@ def cli(verbose: bool):
     multiple=True,
     help="Batch sizes to benchmark (repeatable) [default: 1 8 32 64 up to --max-batch].",
 )
-@click.option("--bench-iterations", type=int, default=30, show_default=True)
+@click.option(
+    "--bench-iterations",
+    type=int,
+    default=None,
+    help="A fixed number of interleaved pairs per batch size [default: time-budgeted].",
+)
+@click.option(
+    "--bench-budget",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds of timed runs; each batch size stops once its speedup's 95 % CI is ±3 %.",
+)
 @click.option(
     "--exporter", type=click.Choice(["auto", "dynamo", "legacy"]), default="auto", show_default=True
 )
@@ -280,14 +311,20 @@ _stage_command(
 _stage_command(
     "engine",
     ["engine"],
-    [_optional("--backend"), _optional("--precision"), _optional("--max-batch", type=int)],
+    [
+        _optional("--backend"),
+        _optional("--precision"),
+        _optional("--device"),
+        _optional("--ort-provider"),
+        _optional("--max-batch", type=int),
+    ],
     "Build the inference engine of a build directory.",
 )
 _stage_command("verify", ["verify"], [], "Check the engine against PyTorch with Polygraphy.")
 _stage_command(
     "bench",
     ["bench"],
-    [_optional("--bench-iterations", type=int)],
+    [_optional("--bench-iterations", type=int), _optional("--bench-budget", type=float)],
     "Benchmark dense vs pruned on the engine's backend.",
 )
 
@@ -310,7 +347,8 @@ _stage_command(
 @click.option(
     "--python-backend",
     is_flag=True,
-    help="Publish a Triton python-backend model that runs the ONNX with ONNX Runtime.",
+    help="Publish a Triton python-backend model that runs the artifact with ONNX Runtime or "
+    "OpenVINO on the CPU.",
 )
 @click.option(
     "--check",

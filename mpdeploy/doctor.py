@@ -1,92 +1,17 @@
-"""`mpdeploy doctor`: what this machine can do — versions, CPU/GPU, CUDA, TensorRT, Triton.
+"""`mpdeploy doctor`: what this machine can do — versions, CPU/GPU, CUDA, backends, Triton.
 
 Every optional component is probed the same way the command that needs it would use it, so the
-line doctor prints for TensorRT is the line `mpdeploy build --backend tensorrt` would fail with.
+line doctor prints for a backend is the line `mpdeploy build --backend …` would fail with. CPU
+and GPU facts come from `mpdeploy.hardware`, the probe every other part uses.
 """
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
-import os
-import platform
 import shutil
 from typing import Any
 
-
-def gpu_devices() -> list[dict[str, Any]]:
-    """CUDA GPUs visible to this process: name, compute capability, memory (empty when none).
-
-    Asks PyTorch when it is a CUDA build, else the CUDA driver (libcuda) directly, so a CPU-only
-    torch next to a working TensorRT install still sees the GPU.
-    """
-    devices = _torch_gpus()
-    return devices if devices is not None else _driver_gpus()
-
-
-def _torch_gpus() -> list[dict[str, Any]] | None:
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.version.cuda:
-        return None  # CPU build: it cannot see a GPU even when there is one
-    try:
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        devices = []
-        for index in range(count):
-            props = torch.cuda.get_device_properties(index)
-            devices.append(
-                {
-                    "index": index,
-                    "name": props.name,
-                    "compute_capability": f"{props.major}.{props.minor}",
-                    "memory_gib": round(props.total_memory / 2**30, 1),
-                }
-            )
-        return devices
-    except Exception:  # a broken driver must not break doctor
-        return []
-
-
-def _driver_gpus() -> list[dict[str, Any]]:
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return []
-    count = ctypes.c_int(0)
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return []
-    devices = []
-    for index in range(count.value):
-        device = ctypes.c_int(0)
-        if cuda.cuDeviceGet(ctypes.byref(device), index) != 0:
-            continue
-        name = ctypes.create_string_buffer(256)
-        cuda.cuDeviceGetName(name, 256, device)
-        major, minor = ctypes.c_int(0), ctypes.c_int(0)
-        # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76
-        cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device)
-        cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device)
-        devices.append(
-            {
-                "index": index,
-                "name": name.value.decode(errors="replace"),
-                "compute_capability": f"{major.value}.{minor.value}",
-            }
-        )
-    return devices
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from mpdeploy import hardware
 
 
 def _tensorrt() -> dict[str, Any]:
@@ -104,6 +29,40 @@ def _tensorrt() -> dict[str, Any]:
         # exactly what `mpdeploy build --backend tensorrt` prints when it refuses
         "backend_error": f"--backend tensorrt is not available here: {reason}" if reason else None,
     }
+
+
+def _backends() -> dict[str, dict[str, str | None]]:
+    """For every registered backend and each device/precision it offers: None when it can run
+    here, else the one line `mpdeploy build` would refuse it with."""
+    from mpdeploy.backends import EngineOptions, get_backend, registered_backends
+    from mpdeploy.errors import UserError
+
+    table: dict[str, dict[str, str | None]] = {}
+    for name, cls in registered_backends().items():
+        backend = get_backend(name, require_available=False)
+        table[name] = {}
+        for device in cls.devices:
+            for precision in cls.precisions:
+                try:
+                    backend.check(EngineOptions(precision=precision, device=device))
+                    reason = None
+                except UserError as exc:
+                    reason = str(exc)
+                table[name][f"{device} {precision}"] = reason
+    return table
+
+
+def _openvino() -> dict[str, Any]:
+    from mpdeploy.backends.openvino import (
+        cpu_capabilities,
+        openvino_unavailable_reason,
+        openvino_version,
+    )
+
+    reason = openvino_unavailable_reason("fp32")
+    if reason:
+        return {"version": None, "reason": reason, "capabilities": []}
+    return {"version": openvino_version(), "reason": None, "capabilities": cpu_capabilities()}
 
 
 def _triton() -> dict[str, Any]:
@@ -154,13 +113,15 @@ def diagnose() -> dict[str, Any]:
         "mpdeploy": env["mpdeploy"],
         "python": env["python"],
         "platform": env["platform"],
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
+        "cpu": hardware.cpu_info().to_dict(),
+        "cpu_count": hardware.cpu_info().logical_cores,
         "versions": env["versions"],
         "torch_cuda": torch_cuda,
-        "gpus": gpu_devices(),
+        "gpus": [dict(g) for g in hardware.gpu_devices()],
         "onnxruntime_providers": providers,
         "tensorrt": _tensorrt(),
+        "openvino": _openvino(),
+        "backends": _backends(),
         "triton": _triton(),
     }
 
@@ -177,9 +138,13 @@ def format_diagnosis(d: dict[str, Any]) -> str:
     tc = d["torch_cuda"]
     trt = d["tensorrt"]
     tri = d["triton"]
+    cpu = d["cpu"]
+    isa = ", ".join(cpu["flags"]) or "no AVX2/AVX-512/AMX"
+    bf16 = "native bf16" if cpu["native_bf16"] else "no native bf16"
+    ov = d["openvino"]
     rows = [
         ("mpdeploy", f"{d['mpdeploy']} on Python {d['python']} ({d['platform']})"),
-        ("cpu", f"{d['cpu']}, {d['cpu_count']} cores"),
+        ("cpu", f"{cpu['model']}, {d['cpu_count']} cores; {isa}; {bf16}"),
         ("gpu", gpus),
         (
             "torch cuda",
@@ -188,6 +153,12 @@ def format_diagnosis(d: dict[str, Any]) -> str:
         ),
         ("onnxruntime", ", ".join(d["onnxruntime_providers"]) or "not importable"),
         ("tensorrt", f"ready ({trt['version']})" if trt["usable"] else trt["backend_error"]),
+        (
+            "openvino",
+            f"{ov['version']} (CPU: {', '.join(ov['capabilities'])})"
+            if ov["version"]
+            else ov["reason"],
+        ),
         (
             "triton server",
             tri["bundled_tritonserver"] or tri["system_tritonserver"] or tri["server_reason"],
@@ -206,6 +177,12 @@ def format_diagnosis(d: dict[str, Any]) -> str:
     ]
     if missing:
         rows.append(("not installed", missing))
-    rows.append(("backends", "onnxruntime" + (", tensorrt" if trt["usable"] else "")))
+    ready = [
+        f"{name} {combo}"
+        for name, combos in d["backends"].items()
+        for combo, reason in combos.items()
+        if reason is None
+    ]
+    rows.append(("backends", ", ".join(ready)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -91,6 +91,20 @@ def _speed_rows(head: dict[str, Any]) -> list[tuple[str, str]]:
         f"MAC ratio {_num(head.get('mac_ratio'), '.2f')}× is the limit"
     )
     rows = [("measured speedup", text)]
+    intervals = head.get("speedup_ci95_by_batch") or {}
+    speedups = head.get("speedup_by_batch") or {}
+    if any(intervals.values()):
+        rows.append(
+            (
+                "speedup, 95 % CI",
+                ", ".join(
+                    f"batch {b}: {_num(speedups.get(b), '.2f')}× "
+                    f"[{_num(ci[0], '.2f')}, {_num(ci[1], '.2f')}]"
+                    for b, ci in intervals.items()
+                    if ci
+                ),
+            )
+        )
     if head.get("bench_warning"):
         rows.append(("bench warning", str(head["bench_warning"])))
     return rows

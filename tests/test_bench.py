@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import sys
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -30,8 +31,11 @@ from mpdeploy.verify.bench import (
     BenchOptions,
     TimedRunner,
     bench_build,
+    ci_within,
     make_report,
+    measure_budgeted,
     measure_interleaved,
+    speedup_ci,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +163,81 @@ def test_mac_ratio_prefers_sparse_execution_macs_only_for_sparse_engines(tmp_pat
     assert _mac_counts(tmp_path, sparse)["mac_ratio"] == 4.0
 
 
+# --- confidence intervals and the time budget ------------------------------------------------
+
+
+def test_speedup_ci_brackets_the_ratio_of_medians_and_narrows_with_pairs():
+    rng = np.random.default_rng(0)
+    exact = speedup_ci([2.0] * 10, [1.0] * 10)
+    assert exact == (2.0, 2.0, 2.0)
+    widths = []
+    for n in (8, 200):
+        dense = 2.0 + rng.normal(0, 0.2, n)
+        pruned = 1.0 + rng.normal(0, 0.1, n)
+        point, low, high = speedup_ci(list(dense), list(pruned))
+        assert point == pytest.approx(np.median(dense) / np.median(pruned))
+        assert low < point < high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2  # ~1/sqrt(n): 25× the pairs, well under half the width
+    alone = speedup_ci([1.0, 2.0, 3.0], [])
+    assert alone[0] == 2.0 and 1.0 <= alone[1] <= alone[2] <= 3.0
+    assert ci_within(2.0, 1.95, 2.05, 0.03) and not ci_within(2.0, 1.9, 2.05, 0.03)
+    with pytest.raises(UserError):
+        speedup_ci([1.0, 2.0], [1.0])
+
+
+class _SleepingRunner(_ScriptedRunner):
+    """Takes real wall time (what the budget counts), with seeded noise in its reported time."""
+
+    def __init__(self, name, seconds, calls, noise=0.0, seed=0):
+        super().__init__(name, seconds, calls)
+        self.noise, self.rng = noise, np.random.default_rng(seed)
+
+    def infer_impl(self, feed_dict):
+        out = super().infer_impl(feed_dict)
+        time.sleep(self.inference_time)
+        self.inference_time *= 1 + self.noise * self.rng.standard_normal()
+        return out
+
+
+def _sleeping(noise, seconds=(0.0004, 0.0002)):
+    def feed(batch):
+        return {"input": np.zeros((batch, 1), np.float32)}
+
+    calls: list[str] = []
+    return {
+        "dense": TimedRunner(_SleepingRunner("dense", seconds[0], calls, noise, 1), feed),
+        "pruned": TimedRunner(_SleepingRunner("pruned", seconds[1], calls, noise, 2), feed),
+    }
+
+
+def test_budget_stops_a_batch_once_its_interval_is_within_three_percent():
+    times, stops = measure_budgeted(
+        _sleeping(noise=0.0), (1, 2), budget_seconds=5, warmup=1, min_pairs=4, progress=False
+    )
+    for batch in (1, 2):
+        assert stops[batch]["status"] == "converged" and stops[batch]["pairs"] == 4
+        assert len(times["dense"][batch]) == len(times["pruned"][batch]) == 4
+        assert stops[batch]["relative_half_width"] == 0.0
+
+
+def test_budget_share_ends_a_noisy_batch_and_skips_one_that_cannot_fit():
+    # batch 1: ±40 % noise never converges to ±3 % in its 0.15 s share; batch 256: one pair
+    # sleeps ~0.15 s, so its 5 minimum pairs cannot fit in what is left of 0.3 s.
+    times, stops = measure_budgeted(
+        _sleeping(noise=0.4, seconds=(0.0006, 0.0003)),
+        (1, 256),
+        budget_seconds=0.3,
+        warmup=1,
+        min_pairs=5,
+        progress=False,
+    )
+    assert stops[1]["status"] == "budget" and stops[1]["pairs"] >= 5
+    assert stops[1]["relative_half_width"] > 0.03
+    assert stops[256]["status"] == "skipped" and "budget left" in stops[256]["reason"]
+    assert 256 not in times["dense"]
+
+
 # --- the build-directory benchmark on ONNX Runtime --------------------------------------------
 
 
@@ -203,12 +282,41 @@ def test_bench_build_dense_vs_pruned(vit_build):
     assert set(payload["speedup_by_batch"]) == {"1", "2"}
     assert all(v > 0 for v in payload["speedup_by_batch"].values())
     assert payload["protocol"]["iterations"] == 3
+    assert payload["stopping"] == {b: {"status": "fixed", "pairs": 3} for b in ("1", "2")}
+    for batch, (low, high) in payload["speedup_ci95_by_batch"].items():
+        assert low <= payload["speedup_by_batch"][batch] <= high
     assert payload["protocol"]["dense_artifact"] == "bench/dense.onnx"
     assert payload["machine"]["cpu_count"] >= 1
     assert report.headline["speedup_best"] >= report.headline["speedup_median"] > 0
     assert (build_dir / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert (build_dir / "bench" / "engine" / "engine.json").is_file()
     assert _digest(build_dir / "engine" / "engine.json") == engine_json  # engine/ untouched
+
+
+def test_bench_build_time_budget_records_why_each_batch_stopped(vit_build):
+    # The artifact alone (no dense export: ~20 s on a loaded machine); the speedup intervals of
+    # a dense-vs-pruned run are checked above and on scripted runners.
+    build_dir, dense, record, options = vit_build
+    start = time.perf_counter()
+    bench_build(
+        build_dir,
+        dense_model=dense,
+        engine=record,
+        options=BenchOptions(
+            budget_seconds=1.0, warmup=1, min_pairs=3, max_batch=2, same_model=True, progress=False
+        ),
+        engine_options=options,
+    )
+    assert time.perf_counter() - start < 10
+    payload = json.loads((build_dir / "bench.json").read_text())
+    assert payload["protocol"]["iterations"] is None
+    assert payload["protocol"]["budget_seconds"] == 1.0
+    assert payload["batches"] == [1, 2]
+    for row in payload["pruned"]:
+        stop = payload["stopping"][str(row["batch"])]
+        assert stop["status"] in ("converged", "budget", "max_pairs")
+        assert stop["pairs"] == row["samples"] >= 3
+    assert payload["speedup_ci95_by_batch"] == {"1": None, "2": None}
 
 
 def test_bench_build_same_model_reports_no_pruning(vit_build):

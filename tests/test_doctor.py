@@ -7,8 +7,9 @@ import json
 import pytest
 
 from mpdeploy.backends.tensorrt import tensorrt_unavailable_reason
-from mpdeploy.doctor import diagnose, format_diagnosis, gpu_devices
+from mpdeploy.doctor import diagnose, format_diagnosis
 from mpdeploy.errors import MissingDependencyError
+from mpdeploy.hardware import cpu_info, gpu_devices
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +29,36 @@ def test_diagnosis_is_json_with_the_expected_sections(diagnosis):
         "gpus",
         "onnxruntime_providers",
         "tensorrt",
+        "openvino",
+        "backends",
         "triton",
     ):
         assert key in diagnosis
     assert diagnosis["versions"]["torch"] and diagnosis["versions"]["onnxruntime"]
     assert "CPUExecutionProvider" in diagnosis["onnxruntime_providers"]
-    assert diagnosis["gpus"] == gpu_devices()
+    assert diagnosis["gpus"] == [dict(g) for g in gpu_devices()]
+    assert diagnosis["cpu"]["flags"] == list(cpu_info().flags)
+
+
+def test_backend_table_is_what_build_would_say(diagnosis):
+    """Every registered backend × device × precision: None, or the exact refusal line."""
+    from mpdeploy.backends import EngineOptions, backend_names, get_backend
+    from mpdeploy.errors import UserError
+
+    assert list(diagnosis["backends"]) == list(backend_names())
+    assert diagnosis["backends"]["onnxruntime"]["cpu fp32"] is None
+    for name, combos in diagnosis["backends"].items():
+        for combo, reason in combos.items():
+            device, precision = combo.split()
+            options = EngineOptions(precision=precision, device=device)
+            if reason is None:
+                get_backend(name, require_available=False).check(options)
+            else:
+                with pytest.raises(UserError) as info:
+                    get_backend(name, require_available=False).check(options)
+                assert str(info.value) == reason
+    ready = format_diagnosis(diagnosis).splitlines()[-1]
+    assert ready.startswith("backends") and "onnxruntime cpu fp32" in ready
 
 
 def test_tensorrt_line_is_what_the_backend_says(diagnosis):
@@ -73,6 +98,7 @@ def test_format_is_one_aligned_row_per_fact(diagnosis):
         "torch cuda",
         "onnxruntime",
         "tensorrt",
+        "openvino",
         "triton server",
         "triton client",
         "backends",

@@ -201,10 +201,10 @@ def test_not_installed_message(monkeypatch):
 
 
 def test_no_gpu_and_old_version_messages(monkeypatch):
-    import mpdeploy.doctor
+    import mpdeploy.hardware
 
     monkeypatch.setattr(trt_backend, "tensorrt_version", lambda: "10.9.0.34")
-    monkeypatch.setattr(mpdeploy.doctor, "gpu_devices", lambda: [])
+    monkeypatch.setattr(mpdeploy.hardware, "gpu_devices", lambda: ())
     assert (
         tensorrt_unavailable_reason()
         == "TensorRT 10.9.0.34 is installed but no CUDA GPU is visible"

@@ -24,13 +24,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mpdeploy import hardware
 from mpdeploy.backends.base import (
     ENGINE_DIR,
     Backend,
     EngineOptions,
     EngineRecord,
+    TritonServing,
+    cuda_feed,
+    register_backend,
     write_engine_record,
 )
+from mpdeploy.backends.base import read_onnx_io as _onnx_io
 from mpdeploy.errors import MissingDependencyError, UserError
 from mpdeploy.fileio import atomic_path, write_text
 
@@ -66,9 +71,7 @@ def tensorrt_unavailable_reason() -> str | None:
         return f"TensorRT's libraries could not be loaded: {_first_line(exc)} ({INSTALL_HINT})"
     if int(version.split(".")[0]) < 10:
         return f"TensorRT {version} is too old: mpdeploy needs TensorRT 10 or newer"
-    from mpdeploy.doctor import gpu_devices
-
-    if not gpu_devices():
+    if not hardware.gpu_devices():
         return f"TensorRT {version} is installed but no CUDA GPU is visible"
     return None
 
@@ -228,11 +231,40 @@ def capture_polygraphy_log() -> Iterator[list[str]]:
 # --- the backend ------------------------------------------------------------------------------
 
 
+@register_backend
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    summary = "TensorRT plan on an NVIDIA GPU (optional 2:4 sparse weights)"
+    precisions = ("fp32", "fp16")
+    devices = ("cuda",)
 
-    def unavailable_reason(self) -> str | None:
+    def unavailable_reason(self, options: EngineOptions | None = None) -> str | None:
         return tensorrt_unavailable_reason()
+
+    def check(self, options: EngineOptions) -> None:
+        # TensorRT always runs on the GPU: --device is implied, not asked for.
+        super().check(dataclasses.replace(options, device="cuda"))
+
+    def source_onnx(self, options: EngineOptions) -> str:
+        return "model.fp16.onnx" if options.precision == "fp16" else "model.onnx"
+
+    def bench_feed(self, record: EngineRecord, feed):
+        # CUDA tensors in, outputs left on the device: the timing is the engine, not PCIe.
+        if not hardware.torch_cuda():
+            return feed
+        return cuda_feed(feed)
+
+    def bench_infer_kwargs(self, record: EngineRecord) -> dict[str, Any]:
+        return {"copy_outputs_to_host": False} if hardware.torch_cuda() else {}
+
+    def triton(self, record: EngineRecord) -> TritonServing:
+        # What the plan is locked to (TensorRT version, GPU) goes into the config's mpdeploy_*
+        # parameters from engine.json's details (serving/repository.py).
+        return TritonServing(
+            kind="tensorrt_plan",
+            instance_kind="KIND_GPU",
+            model_file="model.plan",
+        )
 
     def build(self, onnx_path: Path, build_dir: Path, options: EngineOptions) -> EngineRecord:
         reason = self.unavailable_reason()
@@ -279,9 +311,7 @@ class TensorRTBackend(Backend):
         from mpdeploy.fileio import write_json
 
         write_json(engine_dir / LAYER_INFO, inspector)
-        from mpdeploy.doctor import gpu_devices
-
-        gpu = (gpu_devices() or [{}])[0]
+        gpu = (hardware.gpu_devices() or ({},))[0]
         plan = engine_dir / PLAN
         details: dict[str, Any] = {
             "tensorrt_version": trt.__version__,
@@ -319,6 +349,7 @@ class TensorRTBackend(Backend):
             build_seconds=round(build_seconds, 3),
             size_bytes=plan.stat().st_size,
             details=details,
+            device="cuda",
         )
         write_engine_record(record, build_dir)
         return record
@@ -375,35 +406,6 @@ def _engine_information(engine, trt) -> dict[str, Any]:
     except Exception as exc:  # the inspector is evidence, not a requirement of the build
         log.warning("TensorRT engine inspector unavailable: %s", _first_line(exc))
         return {"error": _first_line(exc)}
-
-
-def _onnx_io(onnx_path: Path) -> dict[str, Any]:
-    """Input/output names and shapes, and whether any weight is fp16 (without loading weights)."""
-    import onnx
-
-    if not onnx_path.is_file():
-        raise UserError(f"{onnx_path} does not exist (run the export stage first)")
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    graph = model.graph
-    initializers = {t.name for t in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in initializers]
-    if len(inputs) != 1 or len(graph.output) != 1:
-        raise UserError(f"{onnx_path.name}: expected one input and one output")
-    in_dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
-    out_dims = [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
-    if any(d <= 0 for d in in_dims[1:]):
-        raise UserError(f"{onnx_path.name}: only the batch dimension may be dynamic")
-    fp16 = onnx.TensorProto.FLOAT16
-    has_fp16 = any(t.data_type == fp16 for t in graph.initializer) or any(
-        v.type.tensor_type.elem_type == fp16 for v in graph.value_info
-    )
-    return {
-        "input_name": inputs[0].name,
-        "output_name": graph.output[0].name,
-        "input_shape": tuple(in_dims[1:]),
-        "num_classes": int(out_dims[-1]) if out_dims else 0,
-        "has_fp16": has_fp16,
-    }
 
 
 def _major(version: str) -> int:

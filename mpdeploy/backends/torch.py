@@ -17,6 +17,7 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
+from mpdeploy import hardware
 from mpdeploy.errors import MissingDependencyError, UserError
 from mpdeploy.export.onnx import INPUT_NAME, OUTPUT_NAME
 
@@ -25,11 +26,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def cuda_unavailable_reason() -> str | None:
     """None when PyTorch can run on a CUDA GPU here, else one line saying why not."""
-    if not torch.version.cuda:
-        return f"PyTorch {torch.__version__} is a CPU-only build (install a CUDA build of torch)"
-    if not torch.cuda.is_available():
-        return f"no CUDA GPU visible to PyTorch {torch.__version__} (CUDA {torch.version.cuda})"
-    return None
+    return hardware.torch_cuda_unavailable_reason()
 
 
 def require_cuda() -> None:

@@ -12,6 +12,7 @@ from mpdeploy.errors import UserError
 from mpdeploy.fileio import sha256_file
 from mpdeploy.serving.config import (
     ONNX_PLATFORM,
+    OPENVINO_BACKEND,
     PLAN_PLATFORM,
     PYTHON_BACKEND,
     model_file_name,
@@ -160,8 +161,10 @@ def _check_integrity(where: str, version_dir: Path, record: dict | None) -> list
 def _served_signature(
     where: str, kind: str, version_dir: Path, record: dict | None, problems: list[str]
 ) -> OnnxSignature | None:
-    """The I/O of what this version serves: the ONNX graph itself, or the sidecar for a plan."""
-    if kind in (ONNX_PLATFORM, PYTHON_BACKEND):
+    """The I/O of what this version serves: the ONNX graph itself, or the sidecar for anything
+    else (a TensorRT plan, an OpenVINO IR, a python model that runs an IR)."""
+    served = (record or {}).get("file", "model.onnx")
+    if kind == ONNX_PLATFORM or (kind == PYTHON_BACKEND and served.endswith(".onnx")):
         onnx_file = version_dir / "model.onnx"
         if not onnx_file.is_file():
             if kind == ONNX_PLATFORM or record is not None:
@@ -172,13 +175,18 @@ def _served_signature(
         except UserError as exc:
             problems.append(f"{where}/model.onnx: {exc}")
             return None
-    if kind == PLAN_PLATFORM:
+    if kind in (PLAN_PLATFORM, OPENVINO_BACKEND, PYTHON_BACKEND):
         if record is None:
             problems.append(
-                f"{where}: no mpdeploy/artifact.json, so the plan's inputs and outputs cannot be "
-                "checked without TensorRT"
+                f"{where}: no mpdeploy/artifact.json, so the {kind} model's inputs and outputs "
+                "cannot be checked without its runtime"
             )
             return None
+        problems += [
+            f"{where}: no {extra} (published beside {served})"
+            for extra in record.get("extra_files", [])
+            if not (version_dir / extra).is_file()
+        ]
         return artifact_inputs_outputs(record)
     return None
 

@@ -12,6 +12,9 @@ from mpdeploy.serving.tensors import TensorSpec
 ONNX_PLATFORM = "onnxruntime_onnx"
 PLAN_PLATFORM = "tensorrt_plan"
 PYTHON_BACKEND = "python"
+OPENVINO_BACKEND = "openvino"
+# Kinds a config names with `backend:` (no platform exists for them).
+BACKEND_KINDS = (PYTHON_BACKEND, OPENVINO_BACKEND)
 
 # What Triton loads from a version folder when `default_model_filename` is not set.
 DEFAULT_MODEL_FILE = {
@@ -21,7 +24,7 @@ DEFAULT_MODEL_FILE = {
     "pytorch_libtorch": "model.pt",
     "tensorflow_graphdef": "model.graphdef",
     "tensorflow_savedmodel": "model.savedmodel",
-    "openvino": "model.xml",
+    OPENVINO_BACKEND: "model.xml",
 }
 # A config may name the backend instead of the platform; both spellings mean the same thing.
 _BACKEND_TO_KIND = {
@@ -58,18 +61,27 @@ def build_config(
     label_filename: str | None = None,
     parameters: Mapping[str, str] | None = None,
     output_data_type: str | None = None,
+    gpu_accelerators: Sequence[tuple[str, Mapping[str, str]]] = (),
 ):
     """A `ModelConfig` for one mpdeploy artifact.
 
-    `kind` is a platform (`onnxruntime_onnx`, `tensorrt_plan`) or the `python` backend.
-    `output_data_type` overrides the outputs' type (the python model casts its logits).
+    `kind` is a platform (`onnxruntime_onnx`, `tensorrt_plan`) or a backend (`openvino`,
+    `python`). `output_data_type` overrides the outputs' type (the python model casts its
+    logits). `gpu_accelerators` fills `optimization.execution_accelerators` (e.g. ONNX Runtime's
+    TensorRT provider: `("tensorrt", {"precision_mode": "FP16"})`).
     """
     pb2 = model_config_pb2()
     config = pb2.ModelConfig(name=name, max_batch_size=max_batch_size)
-    if kind == PYTHON_BACKEND:
-        config.backend = PYTHON_BACKEND
+    if kind in BACKEND_KINDS:
+        config.backend = kind
     else:
         config.platform = kind
+    for accelerator, accelerator_parameters in gpu_accelerators:
+        entry = config.optimization.execution_accelerators.gpu_execution_accelerator.add(
+            name=accelerator
+        )
+        for key, value in accelerator_parameters.items():
+            entry.parameters[key] = value
     batched = max_batch_size > 0
     for spec in inputs:
         config.input.add(

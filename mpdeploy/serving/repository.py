@@ -12,6 +12,7 @@ Layout written for a model NAME (see docs/serving.md):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import importlib.resources
 import os
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from mpdeploy.backends.base import EngineRecord, TritonServing
 from mpdeploy.errors import ParityError, UserError
 from mpdeploy.fileio import (
     atomic_dir,
@@ -33,9 +35,7 @@ from mpdeploy.fileio import (
 from mpdeploy.locks import exclusive, repository_lock_path
 from mpdeploy.manifest import Manifest
 from mpdeploy.serving.config import (
-    ONNX_PLATFORM,
     PARAMETER_PREFIX,
-    PLAN_PLATFORM,
     PYTHON_BACKEND,
     build_config,
     config_text,
@@ -52,10 +52,6 @@ LABELS_FILE = "labels.txt"
 CONFIG_FILE = "config.pbtxt"
 PYTHON_MODEL_TEMPLATE = "python_model.py"
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
-_ENGINE_KINDS = {
-    "onnxruntime": (ONNX_PLATFORM, "KIND_CPU"),
-    "tensorrt": (PLAN_PLATFORM, "KIND_GPU"),
-}
 
 
 @dataclass(frozen=True)
@@ -64,7 +60,7 @@ class PublishedModel:
 
     name: str
     version: int
-    kind: str  # onnxruntime_onnx | tensorrt_plan | python
+    kind: str  # onnxruntime_onnx | tensorrt_plan | openvino | python
     max_batch_size: int
     model_dir: Path
     version_dir: Path
@@ -104,7 +100,8 @@ def publish(
     repo = Path(repo)
     if repo.exists() and not repo.is_dir():
         raise UserError(f"{repo}: the model repository path is a file, not a directory")
-    kind, instance_kind = _serving_kind(build, python_backend)
+    serving = _serving(build, python_backend)
+    kind = serving.kind
     name = validate_model_name(name if name is not None else default_model_name(build, kind))
     max_batch_size = _max_batch_size(build, max_batch)
     if instance_count < 1:
@@ -117,11 +114,12 @@ def publish(
         build.signature.inputs,
         build.signature.outputs,
         max_batch_size=max_batch_size,
-        instance_kind=instance_kind,
+        instance_kind=serving.instance_kind,
         instance_count=instance_count,
         label_filename=LABELS_FILE if labels else None,
-        parameters=_engine_parameters(build),
+        parameters={**_engine_parameters(build), **serving.parameters},
         output_data_type="TYPE_FP32" if kind == PYTHON_BACKEND else None,
+        gpu_accelerators=serving.gpu_accelerators,
     )
     model_dir = repo / name
     with exclusive(repository_lock_path(repo), f"Triton repository {repo}"):
@@ -255,18 +253,37 @@ def _profile_max(engine: dict, build: Path) -> int:
     return value
 
 
-def _serving_kind(build: _Build, python_backend: bool) -> tuple[str, str]:
-    backend = build.engine.get("backend")
-    if backend not in _ENGINE_KINDS:
-        raise UserError(f"{build.path}/engine/engine.json: unknown backend {backend!r}")
+def _serving(build: _Build, python_backend: bool) -> TritonServing:
+    """How Triton serves this build, as its backend says; or the python-backend variant, which
+    runs the same artifact with the runtime the backend names (`mpdeploy_runner`)."""
+    from mpdeploy.backends import get_backend
+
+    name = build.engine.get("backend")
+    try:
+        backend = get_backend(str(name), require_available=False)
+    except UserError:
+        raise UserError(f"{build.path}/engine/engine.json: unknown backend {name!r}") from None
+    serving = backend.triton(EngineRecord.from_dict(build.engine, partial=True))
     if not python_backend:
-        return _ENGINE_KINDS[backend]
-    if build.artifact.suffix != ".onnx":
+        return serving
+    if serving.python_runner is None:
         raise UserError(
-            f"{build.path}: the python-backend variant runs ONNX with ONNX Runtime, but this "
-            f"build's verified artifact is {build.artifact.name}; publish it without it"
+            f"{build.path}: the python-backend variant runs ONNX Runtime or OpenVINO on the CPU, "
+            f"but this build's verified artifact is a {name} {build.artifact.name}; publish it "
+            "without it"
         )
-    return PYTHON_BACKEND, "KIND_CPU"
+    parameters = {
+        **serving.parameters,
+        "mpdeploy_runner": serving.python_runner,
+        "mpdeploy_model_file": serving.model_file,
+    }
+    return dataclasses.replace(
+        serving,
+        kind=PYTHON_BACKEND,
+        instance_kind="KIND_CPU",
+        parameters=parameters,
+        gpu_accelerators=(),
+    )
 
 
 def _max_batch_size(build: _Build, requested: int | None) -> int:
@@ -406,16 +423,18 @@ def _committed(target: Path) -> Iterator[Path]:
 
 def _write_version(stage: Path, build: _Build, kind: str, name: str, version: int) -> None:
     stage.mkdir(exist_ok=True)
-    if kind == PLAN_PLATFORM:
-        model_file = "model.plan"
-        shutil.copyfile(build.artifact, stage / model_file)
-    else:
-        model_file = "model.onnx"
-        shutil.copyfile(build.artifact, stage / model_file)
+    serving = _serving(build, kind == PYTHON_BACKEND)
+    model_file = serving.model_file
+    shutil.copyfile(build.artifact, stage / model_file)
+    if build.artifact.suffix == ".onnx":
         for relative in build.signature.external_data:
             target = stage.joinpath(*PurePosixPath(relative).parts)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(build.artifact.parent.joinpath(relative), target)
+    for relative in serving.extra_files:  # e.g. OpenVINO's model.bin beside model.xml
+        shutil.copyfile(
+            build.path.joinpath(*PurePosixPath(relative).parts), stage / Path(relative).name
+        )
     if kind == PYTHON_BACKEND:
         template = importlib.resources.files("mpdeploy.serving") / PYTHON_MODEL_TEMPLATE
         (stage / "model.py").write_bytes(template.read_bytes())
@@ -433,8 +452,13 @@ def _write_provenance(
             "version": version,
             "kind": kind,
             "file": served_file.name,
+            "extra_files": [
+                Path(p).name for p in _serving(build, kind == PYTHON_BACKEND).extra_files
+            ],
             "sha256": sha256_file(served_file),
-            "external_data": list(build.signature.external_data) if kind != PLAN_PLATFORM else [],
+            "external_data": list(build.signature.external_data)
+            if build.artifact.suffix == ".onnx"
+            else [],
             "inputs": [s.to_json() for s in build.signature.inputs],
             "outputs": [s.to_json() for s in build.signature.outputs],
             "profile_max": build.profile_max,

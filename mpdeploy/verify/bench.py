@@ -6,6 +6,13 @@ runners that verify parity, warm-up runs first, then every timed iteration runs 
 back to back (alternating which goes first) so drift in clocks, caches or other load hits both
 alike; median and p90 latency and throughput per batch size. A MAC ratio is reported next to the
 measured speedup as the physical limit of what removing work can buy — never as a speedup.
+
+How long it runs: by default a time budget. Each batch size gets its share of what is left, runs
+at least `min_pairs` interleaved pairs, and stops as soon as the 95 % bootstrap confidence
+interval of its speedup (median dense / median pruned, resampling pairs) lies within ±3 % of the
+estimate, or when its share is spent. A batch size whose minimum pairs cannot fit in what is left
+is skipped and named in bench.json. `iterations` gives a fixed count instead. Every speedup is
+reported with its interval.
 """
 
 from __future__ import annotations
@@ -15,12 +22,14 @@ import dataclasses
 import datetime as _dt
 import os
 import platform
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mpdeploy.backends.base import cuda_feed  # noqa: F401  (the GPU scripts feed through it)
 from mpdeploy.errors import UserError
 from mpdeploy.fileio import atomic_dir, atomic_path, write_json
 
@@ -30,11 +39,20 @@ BENCH_JSON = "bench.json"
 BENCH_PNG = "bench.png"
 
 
+DEFAULT_BUDGET_SECONDS = 60.0
+CI_LEVEL = 0.95
+BOOTSTRAP_RESAMPLES = 2000
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchOptions:
     batches: tuple[int, ...] | None = None  # default: DEFAULT_BATCHES capped at max_batch
-    iterations: int = 30
-    warmup: int = 5
+    iterations: int | None = None  # fixed count of interleaved pairs; None: time budget
+    warmup: int = 3
+    budget_seconds: float = DEFAULT_BUDGET_SECONDS  # timed runs of the whole sweep
+    min_pairs: int = 5
+    max_pairs: int = 300
+    ci_target: float = 0.03  # stop once the 95 % interval is within ±3 % of the speedup
     max_batch: int = 64
     exporter: str = "auto"
     same_model: bool = False  # nothing pruned, no sparsity: time the artifact alone
@@ -42,8 +60,10 @@ class BenchOptions:
     progress: bool = True
 
     def batch_sizes(self) -> tuple[int, ...]:
-        if self.iterations < 1 or self.warmup < 0:
+        if (self.iterations is not None and self.iterations < 1) or self.warmup < 0:
             raise UserError("benchmark needs ≥ 1 timed iteration and ≥ 0 warm-up runs")
+        if self.iterations is None and (self.budget_seconds <= 0 or self.min_pairs < 2):
+            raise UserError("a time-budgeted benchmark needs a budget > 0 s and ≥ 2 pairs")
         if self.batches:
             too_big = [b for b in self.batches if b > self.max_batch or b < 1]
             if too_big:
@@ -95,10 +115,14 @@ class BenchReport:
     protocol: dict[str, Any]
     machine: dict[str, Any]
     headline: dict[str, Any]
+    # 95 % bootstrap interval [low, high] of each speedup (None where nothing was compared)
+    speedup_ci95_by_batch: dict[int, list[float] | None] = dataclasses.field(default_factory=dict)
+    stopping: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         payload = dataclasses.asdict(self)
-        payload["speedup_by_batch"] = {str(k): v for k, v in self.speedup_by_batch.items()}
+        for key in ("speedup_by_batch", "speedup_ci95_by_batch", "stopping"):
+            payload[key] = {str(k): v for k, v in getattr(self, key).items()}
         return payload
 
 
@@ -156,6 +180,128 @@ def measure_interleaved(
     return times
 
 
+def speedup_ci(
+    reference: list[float],
+    candidate: list[float],
+    *,
+    level: float = CI_LEVEL,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(speedup, low, high): median(reference) / median(candidate) and its percentile bootstrap
+    interval, resampling interleaved pairs together so drift shared by a pair cancels.
+
+    With no candidate (one runner timed alone) the interval is of `median(reference)` itself.
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    cand = np.asarray(candidate, dtype=np.float64) if len(candidate) else None
+    n = ref.size
+    if n == 0 or (cand is not None and cand.size != n):
+        raise UserError("a confidence interval needs the same number (≥ 1) of timings per runner")
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    boot = np.median(ref[idx], axis=1)
+    point = float(np.median(ref))
+    if cand is not None:
+        boot = boot / np.median(cand[idx], axis=1)
+        point = point / float(np.median(cand))
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(boot, [tail, 100 - tail])
+    return point, float(low), float(high)
+
+
+def ci_within(point: float, low: float, high: float, target: float) -> bool:
+    """The interval lies within ±target (relative) of the estimate."""
+    return low >= point * (1 - target) and high <= point * (1 + target)
+
+
+def measure_budgeted(
+    runners: dict[str, TimedRunner],
+    batches: tuple[int, ...],
+    *,
+    budget_seconds: float,
+    warmup: int,
+    min_pairs: int = 5,
+    max_pairs: int = 300,
+    ci_target: float = 0.03,
+    reference: str = "dense",
+    candidate: str = "pruned",
+    progress: bool = True,
+    desc: str = "bench",
+) -> tuple[dict[str, dict[int, list[float]]], dict[int, dict[str, Any]]]:
+    """Interleaved timing that stops each batch size when the speedup's 95 % interval is within
+    ±`ci_target`, or when its share of the budget is spent (never before `min_pairs`).
+
+    Returns the timings and, per batch size, why it stopped (`converged`, `budget`, `max_pairs`)
+    or that it was `skipped` because `min_pairs` would not fit in what was left of the budget.
+    """
+    from tqdm.auto import tqdm
+
+    names = list(runners)
+    compared = (reference, candidate) if {reference, candidate} <= set(names) else (names[0],)
+    times: dict[str, dict[int, list[float]]] = {n: {} for n in names}
+    stops: dict[int, dict[str, Any]] = {}
+    with (
+        contextlib.ExitStack() as stack,
+        tqdm(desc=desc, unit="pair", disable=None if progress else True, leave=False) as bar,
+    ):
+        for timed in runners.values():
+            stack.enter_context(timed.runner)
+        start = time.perf_counter()
+        for position, batch in enumerate(batches):
+            feeds = {n: runners[n].feed(batch) for n in names}
+            round_start = time.perf_counter()
+            for _ in range(max(warmup, 1)):  # ≥ 1 round: it also prices one pair
+                _run_round(runners, feeds, names, None, batch, shift=0)
+            pair_seconds = (time.perf_counter() - round_start) / max(warmup, 1)
+            left = budget_seconds - (time.perf_counter() - start)
+            share = left / (len(batches) - position)
+            if position > 0 and min_pairs * pair_seconds > left:
+                stops[batch] = {
+                    "status": "skipped",
+                    "reason": f"{min_pairs} pairs need ~{min_pairs * pair_seconds:.1f} s, "
+                    f"{max(left, 0):.1f} s of the {budget_seconds:g} s budget left",
+                }
+                continue
+            for n in names:
+                times[n][batch] = []
+            batch_start, status, pairs = time.perf_counter(), "max_pairs", 0
+            interval = None
+            while pairs < max_pairs:
+                _run_round(runners, feeds, names, times, batch, shift=pairs % len(names))
+                pairs += 1
+                bar.update()
+                if pairs < min_pairs:
+                    continue
+                if len(compared) == 2:
+                    interval = speedup_ci(times[reference][batch], times[candidate][batch])
+                else:
+                    interval = speedup_ci(times[compared[0]][batch], [])
+                if ci_within(*interval, ci_target):
+                    status = "converged"
+                    break
+                if time.perf_counter() - batch_start >= share:
+                    status = "budget"
+                    break
+            stops[batch] = {
+                "status": status,
+                "pairs": pairs,
+                "seconds": round(time.perf_counter() - batch_start, 2),
+                "share_seconds": round(share, 2),
+                "relative_half_width": round((interval[2] - interval[1]) / 2 / interval[0], 4)
+                if interval
+                else None,
+            }
+    return times, stops
+
+
+def _run_round(runners, feeds, names, times, batch: int, shift: int) -> None:
+    """Every runner once, starting with the `shift`-th; timings recorded when `times` is given."""
+    for n in names[shift:] + names[:shift]:
+        runners[n].runner.infer(feeds[n], **runners[n].infer_kwargs)
+        if times is not None:
+            times[n][batch].append(float(runners[n].runner.last_inference_time()))
+
+
 def random_feed(input_name: str, input_shape: tuple[int, ...], seed: int = 0):
     """feed(batch) → {input_name: seeded N(0,1) float32 array}; same data for every runner."""
     cache: dict[int, dict[str, np.ndarray]] = {}
@@ -168,16 +314,6 @@ def random_feed(input_name: str, input_shape: tuple[int, ...], seed: int = 0):
         return cache[batch]
 
     return feed
-
-
-def cuda_feed(feed: Callable[[int], dict[str, np.ndarray]]):
-    """The same feed as torch CUDA tensors, so GPU runners time no host-to-device copy."""
-    import torch
-
-    def on_device(batch: int) -> dict[str, Any]:
-        return {k: torch.from_numpy(v).cuda() for k, v in feed(batch).items()}
-
-    return on_device
 
 
 # --- the build-directory benchmark -----------------------------------------------------------
@@ -198,10 +334,14 @@ def bench_build(
     build_dir = Path(build_dir)
     batches = options.batch_sizes()
     backend = get_backend(engine.backend)
-    feed = _feed_for(engine, options.seed)
+    feed = backend.bench_feed(
+        engine, random_feed(engine.input_name, tuple(engine.input_shape), options.seed)
+    )
     runners = {
         "pruned": TimedRunner(
-            backend.runner(engine, build_dir, name="pruned"), feed, _infer_kwargs(engine)
+            backend.runner(engine, build_dir, name="pruned"),
+            feed,
+            backend.bench_infer_kwargs(engine),
         )
     }
     dense_record = None
@@ -219,22 +359,47 @@ def bench_build(
             runners["dense"] = TimedRunner(
                 backend.runner(dense_record, bench_dir, name="dense"),
                 feed,
-                _infer_kwargs(dense_record),
+                backend.bench_infer_kwargs(dense_record),
             )
+        times, stops = run_protocol(runners, batches, options, desc=f"bench {engine.backend}")
+    measured = tuple(b for b in batches if stops.get(b, {}).get("status") != "skipped")
+    report = make_report(
+        times,
+        engine,
+        options,
+        measured,
+        _mac_counts(build_dir, engine),
+        dense_record,
+        stopping=stops,
+    )
+    write_json(build_dir / BENCH_JSON, report.to_dict())
+    plot_bench(report, build_dir / BENCH_PNG)
+    return report
+
+
+def run_protocol(runners: dict[str, TimedRunner], batches, options: BenchOptions, desc: str):
+    """Fixed `iterations` or the time budget; returns timings and per-batch stopping records."""
+    if options.iterations is not None:
         times = measure_interleaved(
             runners,
             batches,
             iterations=options.iterations,
             warmup=options.warmup,
             progress=options.progress,
-            desc=f"bench {engine.backend}",
+            desc=desc,
         )
-    report = make_report(
-        times, engine, options, batches, _mac_counts(build_dir, engine), dense_record
+        return times, {b: {"status": "fixed", "pairs": options.iterations} for b in batches}
+    return measure_budgeted(
+        runners,
+        batches,
+        budget_seconds=options.budget_seconds,
+        warmup=options.warmup,
+        min_pairs=options.min_pairs,
+        max_pairs=options.max_pairs,
+        ci_target=options.ci_target,
+        progress=options.progress,
+        desc=desc,
     )
-    write_json(build_dir / BENCH_JSON, report.to_dict())
-    plot_bench(report, build_dir / BENCH_PNG)
-    return report
 
 
 def build_dense_engine(dense_model, engine, bench_dir: Path, options: BenchOptions, engine_options):
@@ -242,14 +407,15 @@ def build_dense_engine(dense_model, engine, bench_dir: Path, options: BenchOptio
     from mpdeploy.backends import get_backend
     from mpdeploy.export import export_onnx
 
+    backend = get_backend(engine.backend)
+    dense_options = dataclasses.replace(engine_options, sparsity=None)
     onnx_path = bench_dir / "dense.onnx"
     export_onnx(dense_model, onnx_path, tuple(engine.input_shape), exporter=options.exporter)
-    if engine.precision == "fp16":
+    if backend.source_onnx(dense_options) == "model.fp16.onnx":
         from mpdeploy.export.fp16 import convert_fp16
 
         onnx_path = convert_fp16(onnx_path, bench_dir / "dense.fp16.onnx")
-    dense_options = dataclasses.replace(engine_options, sparsity=None)
-    return get_backend(engine.backend).build(onnx_path, bench_dir, dense_options)
+    return backend.build(onnx_path, bench_dir, dense_options)
 
 
 def make_report(
@@ -259,6 +425,7 @@ def make_report(
     batches: tuple[int, ...],
     macs: dict[str, Any],
     dense_record=None,
+    stopping: dict[int, dict[str, Any]] | None = None,
 ) -> BenchReport:
     pruned = [BatchTiming.from_seconds(b, times["pruned"][b]) for b in batches]
     dense = (
@@ -274,6 +441,12 @@ def make_report(
             d.batch: round(d.median_ms / p.median_ms, 4) for d, p in zip(dense, pruned, strict=True)
         }
         comparison = "dense vs pruned"
+    intervals: dict[int, list[float] | None] = {
+        b: [round(v, 4) for v in speedup_ci(times["dense"][b], times["pruned"][b])[1:]]
+        if dense is not None
+        else None
+        for b in batches
+    }
     values = list(speedups.values())
     best_batch = max(speedups, key=speedups.get)
     first, last = pruned[0], pruned[-1]
@@ -283,6 +456,7 @@ def make_report(
         "speedup_best": speedups[best_batch],
         "speedup_best_batch": best_batch,
         "speedup_by_batch": {str(b): s for b, s in speedups.items()},
+        "speedup_ci95_by_batch": {str(b): ci for b, ci in intervals.items()},
         "mac_ratio": macs.get("mac_ratio"),
         f"latency_ms_batch{first.batch}": first.median_ms,
         f"latency_ms_batch{last.batch}": last.median_ms,
@@ -308,9 +482,16 @@ def make_report(
         dense=dense,
         speedup_by_batch=speedups,
         mac_ratio=macs.get("mac_ratio"),
+        speedup_ci95_by_batch=intervals,
+        stopping=dict(stopping or {}),
         protocol={
             "warmup": options.warmup,
             "iterations": options.iterations,
+            "budget_seconds": options.budget_seconds if options.iterations is None else None,
+            "min_pairs": options.min_pairs if options.iterations is None else None,
+            "ci_target": options.ci_target if options.iterations is None else None,
+            "interval": f"{CI_LEVEL:.0%} percentile bootstrap over interleaved pairs "
+            f"({BOOTSTRAP_RESAMPLES} resamples) of median dense / median pruned",
             "order": "interleaved per iteration, alternating which model runs first",
             "timer": "Polygraphy runner.last_inference_time() around one infer() call",
             "inputs": "seeded N(0, 1) float32, identical for both models",
@@ -331,18 +512,22 @@ def make_report(
 
 
 def machine_info(engine=None) -> dict[str, Any]:
-    from mpdeploy.doctor import cpu_name, gpu_devices
+    from mpdeploy import hardware
     from mpdeploy.manifest import environment
 
     env = environment()
+    cpu = hardware.cpu_info()
+    on_gpu = engine is None or getattr(engine, "device", "cpu") != "cpu"
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
+        "cpu": cpu.model,
+        "cpu_count": cpu.logical_cores,
+        "cpu_flags": list(cpu.flags),
+        "cpu_native_bf16": cpu.native_bf16,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": {k: v for k, v in env["versions"].items() if v},
-        "gpus": gpu_devices() if engine is None or engine.backend != "onnxruntime" else [],
+        "gpus": [dict(g) for g in hardware.gpu_devices()] if on_gpu else [],
         "load_average": [round(v, 2) for v in os.getloadavg()],  # 1, 5, 15 min, at the end
     }
     if engine is not None:
@@ -352,6 +537,9 @@ def machine_info(engine=None) -> dict[str, Any]:
             if k
             in (
                 "onnxruntime_version",
+                "openvino_version",
+                "inference_precision_hint",
+                "provider",
                 "providers",
                 "intra_op_threads",
                 "tensorrt_version",
@@ -363,13 +551,16 @@ def machine_info(engine=None) -> dict[str, Any]:
 
 
 def plot_bench(report: BenchReport, path: Path) -> Path:
-    """Latency (median, p90 whisker) and throughput vs batch size, dense vs pruned."""
+    """Latency (median, p90 whisker), throughput and the speedup with its 95 % interval vs batch
+    size, dense vs pruned."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(10, 4))
+    panels = 3 if report.dense else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    ax_lat, ax_thr = axes[0], axes[1]
     series = [("pruned" if report.dense else "artifact", report.pruned, "C1")]
     if report.dense:
         series.insert(0, ("dense", report.dense, "C0"))
@@ -387,7 +578,28 @@ def plot_bench(report: BenchReport, path: Path) -> Path:
             label=f"{label} (median, p90)",
         )
         ax_thr.plot(xs, [r.throughput for r in rows], marker="o", color=color, label=label)
-    for ax in (ax_lat, ax_thr):
+    if report.dense:
+        ax_sp = axes[2]
+        xs = report.batches
+        point = np.array([report.speedup_by_batch[b] for b in xs])
+        cis = [
+            report.speedup_ci95_by_batch.get(b) or [p, p] for b, p in zip(xs, point, strict=True)
+        ]
+        low, high = np.array([c[0] for c in cis]), np.array([c[1] for c in cis])
+        ax_sp.errorbar(
+            xs,
+            point,
+            yerr=[point - low, high - point],
+            marker="o",
+            color="C2",
+            capsize=3,
+            label="speedup (95 % CI)",
+        )
+        if report.mac_ratio:
+            ax_sp.axhline(report.mac_ratio, color="grey", ls="--", label="MAC ratio (limit)")
+        ax_sp.axhline(1.0, color="black", lw=0.8)
+        ax_sp.set_ylabel("dense / pruned median latency")
+    for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xticks(report.batches, [str(b) for b in report.batches])
         ax.set_xlabel("batch size")
@@ -410,27 +622,6 @@ def plot_bench(report: BenchReport, path: Path) -> Path:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return path
-
-
-def _feed_for(engine, seed: int):
-    feed = random_feed(engine.input_name, tuple(engine.input_shape), seed)
-    if engine.backend == "tensorrt" and _torch_cuda():
-        return cuda_feed(feed)
-    return feed
-
-
-def _infer_kwargs(record) -> dict[str, Any]:
-    # TensorRT: outputs stay on the GPU so the timing is the engine, not a device-to-host copy.
-    return {"copy_outputs_to_host": False} if record.backend == "tensorrt" and _torch_cuda() else {}
-
-
-def _torch_cuda() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:
-        return False
 
 
 def _mac_counts(build_dir: Path, engine) -> dict[str, Any]:

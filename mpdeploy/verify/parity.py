@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mpdeploy.backends.base import PRECISION_TOLERANCES
 from mpdeploy.errors import ParityError
 from mpdeploy.export.onnx import INPUT_NAME, OUTPUT_NAME
 from mpdeploy.fileio import atomic_path, read_json, sha256_file, write_json
@@ -23,15 +24,8 @@ from mpdeploy.verify.certificate import margin_certificate
 os.environ.setdefault("POLYGRAPHY_AUTOINSTALL_DEPS", "0")
 
 PARITY_DIR = "parity"
-# Elementwise: an output element fails only where BOTH its absolute and relative error exceed.
-# fp32: ONNX Runtime matches torch to ~3e-6 on ViT-B/ResNet50/ConvNeXt; 1e-4 leaves room for
-# reduction-order differences while still catching any real graph error.
-# fp16: half precision has a unit roundoff of ~1e-3 that accumulates through depth; 5e-2 on logits
-# with ≥ 99 % top-1 agreement is the usual bar for fp16 classifiers.
-TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"atol": 1e-4, "rtol": 1e-4, "min_top1_agreement": 0.99},
-    "fp16": {"atol": 5e-2, "rtol": 5e-2, "min_top1_agreement": 0.99},
-}
+# Tolerances by precision live with the backends (a backend may state its own); this is the table.
+TOLERANCES: dict[str, dict[str, float]] = PRECISION_TOLERANCES
 MAX_PARITY_INPUT_BYTES = 64 * 2**20
 
 
@@ -77,6 +71,8 @@ def verify_engine(
     precision: str,
     artifact: str,
     batch_size: int = 16,
+    tolerances: dict[str, float] | None = None,
+    recheck_command: str | None = None,
 ) -> ParityReport:
     """Run reference and engine on the same inputs, compare, write parity/*.json, return the report."""
     from polygraphy.comparator import Comparator, CompareFunc, RunResults
@@ -87,7 +83,7 @@ def verify_engine(
     out_dir = Path(build_dir) / PARITY_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     feeds = parity_feeds(images, batch_size)
-    tol = TOLERANCES[precision]
+    tol = dict(tolerances or TOLERANCES[precision])
 
     torch_runner = TorchRunner(model, tuple(images.shape[1:]), name="pytorch-reference")
     with quiet_polygraphy():
@@ -133,7 +129,8 @@ def verify_engine(
         polygraphy_passed=polygraphy_passed,
         top1_agreement=top1,
         certificate=cert,
-        recheck_command=(
+        recheck_command=recheck_command
+        or (
             f"polygraphy run {artifact} --onnxrt --load-inputs parity/inputs.json "
             f"--load-outputs parity/reference.json --atol {tol['atol']} --rtol {tol['rtol']}"
         ),
