@@ -30,6 +30,10 @@ def evaluate_build(
     from mpdeploy.manifest import Manifest
     from mpdeploy.models.spec import load_model
 
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1 (got {limit})")
     build_dir = Path(build_dir)
     manifest = Manifest.load(build_dir)
     items, classes = labelled_images(data)

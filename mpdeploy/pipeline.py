@@ -162,11 +162,12 @@ def check_option_values(opts: BuildOptions) -> None:
 
 def validate_stage_options(options: BuildOptions, overrides: dict[str, Any]) -> None:
     """A one-stage command's options, merged with the build's, checked before anything runs."""
-    check_option_values(options)
-    if "backend" in overrides:
-        from mpdeploy.backends import get_backend
+    from mpdeploy.backends import get_backend
 
-        get_backend(options.backend, require_available=False).check(engine_options(options))
+    check_option_values(options)
+    # precision, device and provider are the backend's to judge (`export --precision int4`)
+    backend = get_backend(options.backend, require_available="backend" in overrides)
+    backend.check(engine_options(options))
     if overrides.get("train") not in (None, "demo") and not Path(overrides["train"]).is_dir():
         raise UserError(f"--train folder not found: {overrides['train']}")
 

@@ -44,5 +44,5 @@ def open_image(item) -> Image.Image | None:
     try:
         with Image.open(item) as img:
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError):
-        return None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError):
+        return None  # counted as unreadable by the caller
