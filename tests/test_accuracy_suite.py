@@ -1,0 +1,96 @@
+"""scripts/accuracy_suite.py end to end on the bundled demo ViT: one pruned cell and the dense cell."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL_IMAGES = 48
+
+
+@pytest.fixture
+def suite(tmp_path, monkeypatch):
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+    import accuracy_suite
+
+    settings = dataclasses.replace(
+        accuracy_suite.SETTINGS, calib_size=32, eval_limit=EVAL_IMAGES, results_dir=tmp_path
+    )
+    monkeypatch.setattr(accuracy_suite, "SETTINGS", settings)
+    for cached in (accuracy_suite.held_out, accuracy_suite.calibration):
+        cached.cache_clear()
+    yield accuracy_suite
+    for cached in (accuracy_suite.held_out, accuracy_suite.calibration):
+        cached.cache_clear()
+
+
+def independent_dense_top1() -> float:
+    """The demo's top-1 on the first val images, computed without the suite's code."""
+    import torch
+    import train_suite
+    from PIL import Image
+
+    from mpdeploy.data.calibration import eval_transform
+    from mpdeploy.models import create_model
+
+    loaded = create_model("demo", weights="hub")
+    images, labels = train_suite.split_arrays("val")
+    transform = eval_transform(loaded.data_config)
+    batch = torch.stack([transform(Image.fromarray(i, mode="RGB")) for i in images[:EVAL_IMAGES]])
+    with torch.no_grad():
+        predicted = loaded.model.eval()(batch).argmax(1).numpy()
+    return float((predicted == labels[:EVAL_IMAGES]).mean())
+
+
+def test_pruned_cell_record_and_dense_cell(suite, tmp_path):
+    record = suite.run_cell("demo", "magnitude", "none", 0.3, 0, 0, "val")
+    assert {k: record[k] for k in ("model", "method", "compensate", "target", "split")} == {
+        "model": "demo",
+        "method": "magnitude",
+        "compensate": "none",
+        "target": 0.3,
+        "split": "val",
+    }
+    assert record["recover_epochs"] == 0 and record["seed"] == 0 and record["metric"] == "top1"
+    assert record["eval_images"] == EVAL_IMAGES and record["calib_images"] == 32
+    assert abs(record["mac_reduction"] - 0.3) <= 0.01  # the planner's tolerance, counted MACs
+    assert record["pruned_macs"] < record["dense_macs"]
+    assert record["top1"] == record["top1_zero_shot"]
+    assert 0.0 <= record["top1"] <= 1.0
+    stored = tmp_path / "val" / "demo" / "magnitude__none__t0.30__r0__s0.json"
+    assert json.loads(stored.read_text()) == record
+    assert suite.run_cell("demo", "magnitude", "none", 0.3, 0, 0, "val") == record  # cached
+
+    dense = suite.run_cell("demo", "magnitude", "none", 0.0, 0, 0, "val")
+    assert dense["top1"] == dense["dense_top1"] == record["dense_top1"]
+    assert dense["top1"] == pytest.approx(independent_dense_top1(), abs=1e-9)
+    assert dense["mac_reduction"] == 0.0
+
+
+def test_grid_reads_the_criterion_registry_and_seeds_only_random_cells(suite):
+    from mpdeploy.prune.criteria import CRITERIA
+
+    assert set(CRITERIA) <= set(suite.all_methods())
+    cells = suite.grid(
+        ["demo"], ["magnitude", "random", "nm_cast"], ["none"], [0.5], [0, 1], [0, 1, 2]
+    )
+    seeds = {(c.method, c.recover_epochs): [] for c in cells}
+    for c in cells:
+        seeds[(c.method, c.recover_epochs)].append(c.seed)
+    assert seeds[("magnitude", 0)] == [0] and seeds[("nm_cast", 0)] == [0]
+    assert sorted(seeds[("random", 0)]) == sorted(seeds[("magnitude", 1)]) == [0, 1, 2]
+    assert {c.target for c in cells if c.method == "nm_cast"} == {"2:4"}
+    assert [c.recover_epochs for c in cells] == sorted(c.recover_epochs for c in cells)
+
+
+def test_unknown_method_is_one_line_and_nothing_written(suite, tmp_path, capsys):
+    assert suite.main(["--split", "val", "--methods", "no_such_method"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_such_method" in err[0]
+    assert not any(tmp_path.iterdir())
