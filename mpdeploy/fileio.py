@@ -184,7 +184,7 @@ def stale_debris(directory: str | os.PathLike, name: str | None = None) -> list[
             owner, pid = match.group("name"), int(match.group("pid"))
             if pid == os.getpid() or pid_alive(pid):
                 break
-            if name is None or owner == name or owner.startswith((".export", ".onnx", "mpdeploy")):
+            if name is None or owner == name:
                 found.append(entry)
             break
     return sorted(found)

@@ -58,7 +58,7 @@ CASES = [
     # build: files
     ("weights-empty", [*BN[:3], "--weights", "empty.pth"], USAGE, "is empty"),
     ("weights-directory", [*BN[:3], "--weights", "ckpt.pth"], USAGE, "is a directory"),
-    ("weights-text", [*BN[:3], "--weights", "text.pth"], USAGE, "not a .pth checkpoint"),
+    ("weights-text", [*BN[:3], "--weights", "text.pth"], USAGE, "not a torch checkpoint"),
     ("weights-missing", [*BN[:3], "--weights", "gone.safetensors"], USAGE, "not found"),
     ("weights-suffix", [*BN[:3], "--weights", "notes.txt"], USAGE, "unsupported weights"),
     ("weights-other-model", [*BN[:3], "--weights", "resnet.safetensors"], USAGE, "do not fit"),

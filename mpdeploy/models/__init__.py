@@ -213,6 +213,15 @@ def _from_file(timm_name: str, path: Path, num_classes: int | None, img_size: in
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """Read a state dict from .safetensors or a torch file (weights_only); unwrap common nesting."""
     check_weights_file(path)
+    if path.suffix != ".safetensors":
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        # torch.save writes a zip archive; older checkpoints are a pickle (protocol byte 0x80).
+        if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+            raise UserError(
+                f"cannot read weights {path}: not a torch checkpoint (neither a zip archive nor "
+                "a pickle)"
+            )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
