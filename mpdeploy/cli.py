@@ -378,11 +378,20 @@ def package(build_dir, triton_repo, name, python_backend, check_repo):
 @click.option("--repo", required=True, type=click.Path(path_type=Path))
 @click.option("--http-port", type=int, default=8000, show_default=True)
 @click.option("--grpc-port", type=int, default=8001, show_default=True)
-def serve(repo, http_port, grpc_port):
-    """Serve a model repository with a local Triton server on 127.0.0.1 (Ctrl-C stops it)."""
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Serve the repository as published: only models this server's own backends load.",
+)
+def serve(repo, http_port, grpc_port, strict):
+    """Serve a model repository with a local Triton server on 127.0.0.1 (Ctrl-C stops it).
+
+    Models whose backend the local server lacks (onnxruntime_onnx, openvino) are served through
+    its python backend from a temporary overlay; the repository itself is not changed.
+    """
     from mpdeploy.serving import serve as run_server
 
-    run_server(repo, http_port=http_port, grpc_port=grpc_port)
+    run_server(repo, http_port=http_port, grpc_port=grpc_port, strict=strict)
 
 
 @cli.command(name="eval")

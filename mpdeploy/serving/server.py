@@ -1,7 +1,9 @@
 """Run a model repository locally with the `tritonserver` that nvidia-pytriton bundles.
 
-The bundle holds a real Triton server with only the python backend, so it serves mpdeploy's
-python-backend variant; onnxruntime_onnx and tensorrt_plan models load as UNAVAILABLE there.
+The bundle holds a real Triton server with only the python backend. `serve` therefore serves the
+models whose backend it lacks through a temporary overlay (see overlay.py): an onnxruntime_onnx or
+openvino model runs in the python backend with ONNX Runtime or OpenVINO, under its own name.
+`TritonServer` runs exactly the repository it is given.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from mpdeploy.errors import MissingDependencyError, UserError
 from mpdeploy.fileio import remove_stale_debris
+from mpdeploy.serving.overlay import NOT_SERVED, ServingPlan, overlay_repository, plan_serving
 from mpdeploy.serving.ports import check_ports
 
 INSTALL_HINT = "pip install 'mpdeploy[serve]'"
@@ -71,6 +74,12 @@ def find_bundled_server() -> _Bundle:
     if not libs.is_dir():
         libs = server_dir / "external_libs"  # editable install
     return _Bundle(server_dir, stub, libs)
+
+
+def server_backends(bundle: _Bundle | None = None) -> frozenset[str]:
+    """The Triton backends the bundled server has (the folders in its backends/)."""
+    backends = (bundle or find_bundled_server()).server_dir / "backends"
+    return frozenset(p.name for p in backends.iterdir() if p.is_dir())
 
 
 class TritonServer:
@@ -122,7 +131,8 @@ class TritonServer:
         remove_stale_debris(tempfile.gettempdir(), "mpdeploy-tritonserver")  # killed servers'
         _require_numpy_below_2()
         bundle = find_bundled_server()
-        self._workdir = Path(tempfile.mkdtemp(prefix="mpdeploy-tritonserver-"))
+        # The pid in the name marks the folder as debris once this process is gone.
+        self._workdir = Path(tempfile.mkdtemp(prefix=f"mpdeploy-tritonserver-{os.getpid()}-"))
         server_dir = _install_server(bundle, self._workdir)
         self._log = open(self._workdir / "tritonserver.log", "wb")  # noqa: SIM115 (kept open)
         started = time.monotonic()
@@ -233,23 +243,39 @@ def serve(
     grpc_port: int = 8001,
     *,
     ready_timeout: float = 60.0,
+    strict: bool = False,
     echo: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve `repo` on 127.0.0.1 until Ctrl-C or SIGTERM, printing endpoints and model states."""
+    """Serve `repo` on 127.0.0.1 until Ctrl-C or SIGTERM, printing endpoints and model states.
+
+    Models whose backend the bundled server lacks are served through a temporary overlay when
+    mpdeploy can run their artifact here; `strict=True` serves `repo` exactly as published (only
+    what the server's own backends load). `repo` itself is never written.
+    """
     check_ports(http_port, grpc_port)
     echo = echo or functools.partial(print, flush=True)  # flushed: the caller may be piped
+    repo = Path(repo)
+    if not repo.is_dir():
+        raise UserError(f"{repo}: model repository not found")
+    _require_numpy_below_2()
+    bundle = find_bundled_server()
+    plan = None if strict else plan_serving(repo, server_backends(bundle))
+    if plan is not None and all(route.served_by == NOT_SERVED for route in plan.routes):
+        _echo_states(echo, plan, [])
+        raise UserError(f"{repo}: no model in it can be served here (reasons above)")
     with (
         _sigterm_as_interrupt(),
+        overlay_repository(plan) if plan else contextlib.nullcontext(repo) as served_repo,
         TritonServer(
-            repo, http_port, grpc_port, ready_timeout=ready_timeout, strict=False
+            served_repo, http_port, grpc_port, ready_timeout=ready_timeout, strict=False
         ) as server,
     ):
         states = server.model_states()
-        for model in states:
-            reason = f" ({model.reason})" if model.reason else ""
-            echo(f"  {model.name} v{model.version or '-'}: {model.state}{reason}")
+        _echo_states(echo, plan, states)
         if not any(m.state == "READY" for m in states):
             raise UserError(f"{repo}: no model is READY in the bundled Triton server")
+        if served_repo != repo:
+            echo(f"Serving through the temporary overlay {served_repo} ({repo} is not changed)")
         echo(f"Triton is serving {repo} (started in {server.startup_s:.1f} s)")
         echo(f"  HTTP  http://{server.http_url}")
         echo(f"  gRPC  {server.grpc_url}")
@@ -262,9 +288,25 @@ def serve(
             echo("stopping Triton…")
 
 
+def _echo_states(echo, plan: ServingPlan | None, states: list[ModelState]) -> None:
+    """One line per model version the server knows, then one per model it was not given."""
+    for model in states:
+        route = plan.route(model.name) if plan else None
+        reason = f" ({model.reason})" if model.reason else ""
+        how = f" — {route.describe()}" if route else ""
+        echo(f"  {model.name} v{model.version or '-'}: {model.state}{reason}{how}")
+    listed = {model.name for model in states}
+    for route in plan.routes if plan else ():
+        if route.served_by == NOT_SERVED and route.name not in listed:
+            echo(f"  {route.name}: NOT SERVED — {route.describe()}")
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C so `serve` shuts the server down the same way."""
+    """Treat SIGTERM and SIGHUP like Ctrl-C so `serve` shuts the server down the same way.
+
+    A second signal is ignored, so that stopping the server and removing the overlay finish.
+    """
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -272,13 +314,16 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         return
 
     def interrupt(signum, frame):
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _install_server(bundle: _Bundle, workdir: Path) -> Path:
