@@ -22,7 +22,7 @@ ensure_torchvision_importable()  # family modules import timm; a submodule impor
 
 # The family modules shipped with mpdeploy, imported on first use of the registry (they import
 # timm). A new family is one module here plus its name in this tuple.
-BUILTIN_FAMILY_MODULES = ("vit", "convnext", "resnet", "efficientnet")
+BUILTIN_FAMILY_MODULES = ("vit", "convnext", "resnet", "efficientnet", "grouped", "swin")
 
 _REGISTRY: dict[str, Family] = {}
 _loaded = False

@@ -34,6 +34,11 @@ class ChannelGroup:
     # `blocks.i.norm1`/`norm2`, ConvNeXt: the block's `conv_dw`, ResNet: the block's `conv1`).
     # Read by the `mp` criterion's residual normalisation; None = unknown (no normalisation).
     residual_module: str | None = None
+    # Tensors indexed per unit rather than per channel: unit u lives at offset + u along dim (a
+    # head's relative-position bias column, Swin V2's logit scale). Surgery slices them with the
+    # kept units; criteria, masked twins and permutations leave them alone (a removed head's
+    # output is already zero through its v rows, and a permutation inside a head keeps the head).
+    unit_params: tuple[ParamSlice, ...] = ()
 
     @property
     def units(self) -> int:

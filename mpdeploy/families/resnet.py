@@ -12,6 +12,7 @@ from torch import nn
 from mpdeploy.errors import UserError
 from mpdeploy.families import Family, register_family
 from mpdeploy.families.common import require_identity
+from mpdeploy.families.grouped import cardinal_group
 from mpdeploy.families.groups import ChannelGroup, ParamSlice
 
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
@@ -47,9 +48,22 @@ def conv_bn_group(block: nn.Module, path: str, conv: str, bn: str, consumer: str
 @register_family
 class ResNetFamily(Family):
     name = "resnet"
-    examples = ("resnet*", "resnet*d", "test_resnet")
-    # basic + bottleneck blocks, deep stem, avg-down (ResNet-D)
-    test_cases = (("test_resnet", {}),)
+    examples = ("resnet*", "resnet*d", "resnext*", "seresnext*", "test_resnet")
+    # basic + bottleneck blocks, deep stem, avg-down (ResNet-D); a small ResNeXt (cardinality 4)
+    test_cases = (
+        ("test_resnet", {}),
+        (
+            "resnext50_32x4d",
+            {
+                "layers": (1, 1, 1, 1),
+                "cardinality": 4,
+                "base_width": 64,
+                "channels": (16, 16, 32, 32),
+                "stem_width": 16,
+                "pretrained_cfg_overlay": {"input_size": (3, 64, 64)},
+            },
+        ),
+    )
 
     def matches(self, model: nn.Module) -> bool:
         from timm.models.resnet import ResNet
@@ -66,9 +80,27 @@ class ResNetFamily(Family):
                 require_identity(block.aa, "anti-aliasing", path)
                 if type(block) is BasicBlock:
                     groups.append(conv_bn_group(block, path, "conv1", "bn1", "conv2"))
+                elif type(block) is Bottleneck and (block.conv2.groups > 1 or _cardinal(block)):
+                    groups.append(
+                        cardinal_group(
+                            model,
+                            path,
+                            reduce=("conv1", "bn1"),
+                            grouped=("conv2", "bn2"),
+                            consumer="conv3",
+                        )
+                    )
                 elif type(block) is Bottleneck:
                     groups.append(conv_bn_group(block, path, "conv1", "bn1", "conv2"))
                     groups.append(conv_bn_group(block, path, "conv2", "bn2", "conv3"))
                 else:
                     raise UserError(f"structured pruning: unsupported ResNet block at {path}")
         return groups
+
+    def after_cut(self, model: nn.Module, group: ChannelGroup, width: int) -> None:
+        if group.kind == "conv_groups":  # stays a ResNeXt block even when cut to one group
+            model.get_submodule(group.name.rpartition(".")[0]).mpdeploy_cardinal = True
+
+
+def _cardinal(block: nn.Module) -> bool:
+    return getattr(block, "mpdeploy_cardinal", False)

@@ -89,6 +89,13 @@ def _slice_group(model: nn.Module, group: ChannelGroup, kept: torch.Tensor) -> N
             (piece.name, piece.dim), torch.ones(tensor.shape[piece.dim], dtype=torch.bool)
         )
         mask[piece.offset : piece.offset + group.width] &= ~removed
+    removed_units = removed.view(group.units, group.unit).all(1)
+    for piece in group.unit_params:
+        tensor = state[piece.name]
+        mask = masks.setdefault(
+            (piece.name, piece.dim), torch.ones(tensor.shape[piece.dim], dtype=torch.bool)
+        )
+        mask[piece.offset : piece.offset + group.units] &= ~removed_units
     for (name, dim), mask in masks.items():
         module_path, _, attr = name.rpartition(".")
         module = model.get_submodule(module_path)
@@ -106,9 +113,16 @@ def _sync_sizes(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
     elif isinstance(module, nn.Conv2d):
+        # A grouped conv's rows are cut in whole groups (a depthwise channel is a group of one):
+        # the rows per group stay, the group count follows; its columns are per-group inputs.
+        out_channels = module.weight.shape[0]
         if module.groups != 1:
-            raise UserError(f"cannot resize grouped conv {module}")
-        module.out_channels, module.in_channels = module.weight.shape[:2]
+            out_per_group = module.out_channels // module.groups
+            if out_channels % out_per_group:
+                raise UserError(f"cut of grouped conv {module} does not remove whole groups")
+            module.groups = out_channels // out_per_group
+        module.out_channels = out_channels
+        module.in_channels = module.weight.shape[1] * module.groups
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         module.num_features = module.weight.shape[0]
     elif isinstance(module, nn.LayerNorm):

@@ -3,6 +3,11 @@
 A head h owns rows [h·d, (h+1)·d) of q, k and v inside the fused qkv projection (+ bias, + the
 optional sigmoid gate) and the same columns of proj. Zeroing those rows makes q = k = v = 0 for
 the head, so its softmax output is 0 whatever the (shared) q_norm/k_norm do: the cut is exact.
+
+Prefix tokens are tokens like any other here: DeiT's distillation token (timm
+`VisionTransformerDistilled`, two heads averaged at inference) and register tokens (`reg_tokens`)
+only widen the token count, which the attention MACs read from the qkv layer's positions; the
+residual width they live in is never cut.
 """
 
 from __future__ import annotations
@@ -20,11 +25,29 @@ from mpdeploy.families.groups import ChannelGroup, ParamSlice
 @register_family
 class ViTFamily(Family):
     name = "vit"
-    examples = ("vit_*", "deit_*", "test_vit", "mpdeploy_demo_vit")
+    examples = (
+        "vit_*",
+        "vit_*_reg*",
+        "deit_*",
+        "deit_*_distilled_*",
+        "test_vit",
+        "mpdeploy_demo_vit",
+    )
     test_cases = (
         ("mpdeploy_demo_vit", {}),
         ("test_vit", {}),
         ("test_vit", {"qk_norm": True, "qkv_bias": False}),
+        ("test_vit", {"reg_tokens": 4}),  # register tokens
+        (  # DeiT distilled: distillation token and head, at 64 px and depth 4
+            "deit_tiny_distilled_patch16_224",
+            {
+                "depth": 4,
+                "embed_dim": 64,
+                "num_heads": 2,
+                "img_size": 64,
+                "pretrained_cfg_overlay": {"input_size": (3, 64, 64)},
+            },
+        ),
     )
 
     def matches(self, model: nn.Module) -> bool:
