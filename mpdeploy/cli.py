@@ -22,7 +22,14 @@ def model_options(fn):
         "--img-size",
         type=int,
         default=None,
-        help="Input size; inferred from the checkpoint's position embedding.",
+        help="Input size, for any model that runs at it (CNNs as they are, ViTs with a resized "
+        "position embedding); inferred from a checkpoint's position embedding.",
+    )(fn)
+    fn = click.option(
+        "--data-config",
+        default=None,
+        help="JSON file of timm preprocessing keys (input_size, interpolation, crop_pct, "
+        "crop_mode, mean, std) overriding timm's; used for calibration, recovery, eval, parity.",
     )(fn)
     fn = click.option(
         "--num-classes",
@@ -237,7 +244,7 @@ def build(quiet: bool, bench_batches, **kwargs):
 @click.option("--layer", default=None, help="Layer whose eigenvalue histogram spectrum.png shows.")
 @click.option("--out", default=None, help="Output folder [default: engines/<model>-spectrum/].")
 @force_option
-def spectrum(model, weights, num_classes, img_size, target_macs, layer, out, force):
+def spectrum(model, weights, num_classes, img_size, data_config, target_macs, layer, out, force):
     """Marchenko–Pastur analysis only: spectrum.json and spectrum.png."""
     from mpdeploy.models import short_name
     from mpdeploy.pipeline import BuildOptions
@@ -249,6 +256,7 @@ def spectrum(model, weights, num_classes, img_size, target_macs, layer, out, for
         weights=weights,
         num_classes=num_classes,
         img_size=img_size,
+        data_config=data_config,
         target_macs=target_macs,
         spectrum_layer=layer,
         out=out,

@@ -46,6 +46,7 @@ class BuildOptions:
     weights: str = "hub"
     num_classes: int | None = None
     img_size: int | None = None
+    data_config: str | None = None  # JSON file of timm preprocessing keys overriding timm's
     target_macs: float = 0.0
     sparsity: str = "off"
     method: str = "mp"
@@ -102,10 +103,16 @@ def validate_options(opts: BuildOptions) -> None:
         from mpdeploy.models import check_weights_file
 
         check_weights_file(Path(opts.weights))
-    if opts.img_size is not None:
+    size = opts.img_size
+    if opts.data_config is not None:
+        from mpdeploy.models import read_data_config
+
+        input_size = read_data_config(opts.data_config).get("input_size")
+        size = input_size[-1] if input_size else size
+    if size is not None:
         from mpdeploy.data.calibration import check_calibration_memory
 
-        check_calibration_memory(opts.calib_size, (3, opts.img_size, opts.img_size))
+        check_calibration_memory(opts.calib_size, (3, size, size))
     from mpdeploy.backends import get_backend
 
     if opts.bench_budget <= 0:
@@ -258,7 +265,12 @@ def stage_resolve(ctx: BuildContext) -> StageOutcome:
     from mpdeploy.prune.macs import count_macs
 
     opts = ctx.options
-    loaded = create_model(opts.model, opts.weights, opts.num_classes, opts.img_size)
+    overrides = None
+    if opts.data_config is not None:
+        from mpdeploy.models import read_data_config
+
+        overrides = read_data_config(opts.data_config)
+    loaded = create_model(opts.model, opts.weights, opts.num_classes, opts.img_size, overrides)
     save_model(loaded.model, loaded.spec, ctx.path("dense"))
     input_shape = tuple(int(v) for v in loaded.data_config["input_size"])
     macs = count_macs(loaded.model, (1, *input_shape))
@@ -271,7 +283,8 @@ def stage_resolve(ctx: BuildContext) -> StageOutcome:
         "img_size": loaded.spec.img_size,
         "input_shape": list(input_shape),
         "weights": loaded.weights_source,
-        "data_config": loaded.data_config,
+        "data_config": loaded.data_config,  # the effective one: every stage preprocesses by it
+        "data_config_overrides": overrides,  # from --data-config (None: timm's own)
         "class_names": loaded.spec.class_names,
     }
     ctx.cache["dense"] = (loaded.model, loaded.spec)
@@ -630,6 +643,10 @@ def build(
     A parity failure keeps the evidence in `<out>.failed/`; any other error leaves nothing behind.
     """
     validate_options(opts)
+    if opts.target_macs > 0 and "prune" in stages:
+        from mpdeploy.models import require_prunable
+
+        require_prunable(opts.model)  # an unsupported architecture: one line, before any work
     out = Path(opts.out) if opts.out else default_out_dir(opts)
     if out.exists() and not opts.force:
         raise UserError(f"{out} already exists; pass --force to replace it")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 from pathlib import Path
@@ -26,12 +27,17 @@ __all__ = [
     "ModelSpec",
     "create_model",
     "data_config_for",
+    "read_data_config",
     "resolve_model_name",
     "short_name",
 ]
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+# timm's preprocessing keys that `--data-config FILE.json` may set (timm.data.resolve_data_config)
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+CROP_MODES = ("center", "squash", "border")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +53,15 @@ def create_model(
     weights: str = "hub",
     num_classes: int | None = None,
     img_size: int | None = None,
+    data_config: dict[str, Any] | None = None,
 ) -> LoadedModel:
-    """Create a timm model by alias or timm name with weights from the hub, a file, or none."""
+    """Create a timm model by alias or timm name with weights from the hub, a file, or none.
+
+    `data_config` (from `read_data_config`) overrides timm's preprocessing; its `input_size`
+    sets the image size. A model without a size argument (a CNN) runs at `img_size` as it is.
+    """
     timm_name = resolve_model_name(name)
+    img_size = _requested_size(img_size, data_config)
     if timm_name == demo.DEMO_MODEL and weights == "hub":
         weights = str(demo.demo_weights_path())
         source = "bundled"
@@ -79,16 +91,95 @@ def create_model(
         model_kwargs=kwargs,
         class_names=class_names,
     )
-    return LoadedModel(model, spec, data_config_for(model, resolved_size), source)
+    config = data_config_for(model, resolved_size, data_config)
+    return LoadedModel(model, spec, config, source)
 
 
-def data_config_for(model: torch.nn.Module, img_size: int) -> dict[str, Any]:
-    """timm's own eval preprocessing for `model`, at `img_size`."""
+def data_config_for(
+    model: torch.nn.Module, img_size: int, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """timm's own eval preprocessing for `model`, at `img_size`, with `overrides` on top."""
     import timm
 
     cfg = timm.data.resolve_data_config({}, model=model)
     cfg["input_size"] = (3, img_size, img_size)
+    cfg.update(overrides or {})
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def read_data_config(path: str | Path) -> dict[str, Any]:
+    """A `--data-config FILE.json` of timm preprocessing keys, checked (one-line UserErrors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--data-config file not found: {path}")
+    try:
+        payload = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"--data-config {path} is not JSON ({one_line(exc, 120)})") from None
+    if not isinstance(payload, dict) or not payload:
+        raise UserError(
+            f"--data-config {path} must be a JSON object with some of {DATA_CONFIG_KEYS}"
+        )
+    unknown = sorted(set(payload) - set(DATA_CONFIG_KEYS))
+    if unknown:
+        raise UserError(
+            f"--data-config {path}: unknown key(s) {', '.join(unknown)}; "
+            f"timm's keys are {', '.join(DATA_CONFIG_KEYS)}"
+        )
+    return {key: _checked_value(path, key, value) for key, value in payload.items()}
+
+
+def _checked_value(path: Path, key: str, value: Any) -> Any:
+    def bad(why: str) -> UserError:
+        return UserError(f"--data-config {path}: {key} {json.dumps(value)} {why}")
+
+    def numbers(count: int) -> list[float]:
+        if not isinstance(value, list) or len(value) != count:
+            raise bad(f"must be a list of {count} numbers")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise bad(f"must be a list of {count} numbers")
+        return [float(v) for v in value]
+
+    if key == "input_size":
+        size = numbers(3)
+        low, high = IMG_SIZE_RANGE
+        if size[0] != 3 or size[1] != size[2] or size[1] != int(size[1]):
+            raise bad("must be [3, S, S] (RGB, square)")
+        if not low <= size[1] <= high:
+            raise bad(f"must have S in [{low}, {high}]")
+        return [3, int(size[1]), int(size[2])]
+    if key == "interpolation":
+        if value not in INTERPOLATIONS:
+            raise bad(f"must be one of {', '.join(INTERPOLATIONS)}")
+        return value
+    if key == "crop_mode":
+        if value not in CROP_MODES:
+            raise bad(f"must be one of {', '.join(CROP_MODES)}")
+        return value
+    if key == "crop_pct":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise bad("must be a number in (0, 1]")
+        return float(value)
+    stats = numbers(3)  # mean, std: per RGB channel
+    if key == "std" and min(stats) <= 0:
+        raise bad("must be > 0")
+    return stats
+
+
+# Bounds on an image side; the same as the build option checks (pipeline.IMG_SIZE_RANGE)
+IMG_SIZE_RANGE = (16, 2048)
+
+
+def _requested_size(img_size: int | None, data_config: dict[str, Any] | None) -> int | None:
+    """--img-size, or the data config's input_size; both given, they must agree."""
+    size = (data_config or {}).get("input_size")
+    if size is None:
+        return img_size
+    if img_size is not None and int(img_size) != int(size[-1]):
+        raise UserError(
+            f"--img-size {img_size} disagrees with the data config's input_size {list(size)}"
+        )
+    return int(size[-1])
 
 
 def _instantiate(timm_name: str, num_classes: int | None, img_size: int | None, **kw):
@@ -100,11 +191,15 @@ def _instantiate(timm_name: str, num_classes: int | None, img_size: int | None, 
     if img_size is not None:
         kwargs["img_size"] = img_size
     try:
+        try:
+            return timm.create_model(timm_name, **kwargs)
+        except TypeError as exc:
+            if img_size is None or "img_size" not in str(exc):
+                raise
+        # No size argument: a convolutional net with global pooling runs at any size as it is.
+        kwargs.pop("img_size")
+        require_runs_at(timm_name, img_size, num_classes)
         return timm.create_model(timm_name, **kwargs)
-    except TypeError as exc:
-        if "img_size" in str(exc):
-            raise UserError(f"{timm_name} has no fixed input size; drop --img-size") from None
-        raise
     except (AssertionError, ValueError, RuntimeError) as exc:
         if img_size is None and num_classes is None:
             raise
@@ -112,6 +207,23 @@ def _instantiate(timm_name: str, num_classes: int | None, img_size: int | None, 
         raise UserError(
             f"{timm_name} cannot be built with --img-size {img_size} / --num-classes "
             f"{num_classes}: {one_line(exc)}"
+        ) from None
+
+
+def require_runs_at(timm_name: str, img_size: int, num_classes: int | None = None) -> None:
+    """Refuse (one line) an architecture that cannot take `img_size` images: one forward of the
+    weightless architecture on the meta device (no memory, no compute)."""
+    import timm
+
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(timm_name, **kwargs)
+            with torch.no_grad():
+                probe.eval()(torch.empty(1, 3, img_size, img_size))
+    except Exception as exc:  # any op may object to a size (a fixed-size head, a window)
+        raise UserError(
+            f"{timm_name} cannot run at --img-size {img_size}: {one_line(exc, 160)}"
         ) from None
 
 
@@ -280,3 +392,30 @@ def _model_img_size(model: torch.nn.Module, requested: int | None) -> int:
         return int(patch_embed.img_size[0])
     input_size = model.pretrained_cfg.get("input_size", (3, 224, 224))
     return int(input_size[-1])
+
+
+def require_prunable(name: str) -> None:
+    """Before any work: does a family prune this architecture? One line naming the unsupported
+    module type (and where) and the supported families if not.
+
+    The architecture is built on the meta device (no weights, no memory); one that cannot be
+    built there is left to the prune stage's own check.
+    """
+    import timm
+
+    from mpdeploy.families import get_family, supported_families
+
+    timm_name = resolve_model_name(name)
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(timm_name)
+    except Exception:  # noqa: BLE001  (an architecture that needs real tensors to build)
+        log.debug("cannot build %s on the meta device; pruning support checked later", timm_name)
+        return
+    try:
+        get_family(probe).channel_groups(probe)
+    except UserError as exc:
+        message = str(exc)
+        if "supported:" not in message:
+            message += "; supported: " + "; ".join(supported_families())
+        raise UserError(f"--target-macs: {timm_name}: {message}") from None
