@@ -493,6 +493,7 @@ def run_cell(
         "eval_images": int(len(data.labels)),
         "calib_images": SETTINGS.calib_size,
         "dense_top1": dense_top1,
+        "weights_sha256": weights_digest(model_key),
     }
     if target in (0, 0.0, "0"):
         record.update(top1=dense_top1, top1_zero_shot=dense_top1, mac_reduction=0.0)
@@ -518,6 +519,14 @@ def run_cell(
     else:
         record["top1"] = zero_shot
     return _store(path, record)
+
+
+def weights_digest(key: str) -> str:
+    """The trained weights a cell measured (suite models are retrained when their recipe changes)."""
+    summary = train_suite.weights_path(key).with_suffix(".json")
+    if key in train_suite.SUITE and summary.is_file():
+        return json.loads(summary.read_text())["sha256"]
+    return "bundled"
 
 
 def _store(path: Path, record: dict[str, Any]) -> dict[str, Any]:
@@ -599,9 +608,10 @@ def run_grid(cells: list[Cell], split: str) -> None:
         try:
             record = run_cell(*dataclasses.astuple(cell), split)
         except Exception as error:  # noqa: BLE001 - one failed cell must not stop the grid
-            record = _store(
-                path, {**dataclasses.asdict(cell), "split": split, "error": repr(error)}
-            )
+            # kept beside the cell, not as it: a rerun tries the cell again
+            record = {**dataclasses.asdict(cell), "split": split, "error": repr(error)}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".err").write_text(json.dumps(record) + "\n")
         shown = {k: record.get(k) for k in ("top1_zero_shot", "top1", "mac_reduction", "error")}
         print(
             f"[{index}/{total}] {cell.model} {cell.method} {cell.compensate} {cell.target} "
@@ -611,8 +621,11 @@ def run_grid(cells: list[Cell], split: str) -> None:
 
 
 def load_records(split: str, results_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Every stored cell of `split`, and the last error of each cell that has no result."""
     root = (results_dir or SETTINGS.results_dir) / split
-    return [json.loads(p.read_text()) for p in sorted(root.glob("*/*.json"))]
+    done = [json.loads(p.read_text()) for p in sorted(root.glob("*/*.json"))]
+    failed = [p for p in sorted(root.glob("*/*.err")) if not p.with_suffix(".json").is_file()]
+    return done + [json.loads(p.read_text()) for p in failed]
 
 
 # --- docs/accuracy.md ----------------------------------------------------------------------------
@@ -784,6 +797,28 @@ def environment() -> dict[str, str]:
     }
 
 
+def models_table() -> list[str]:
+    """The trained digits models as built (from engines/suite/<key>.json)."""
+    lines = [
+        "| model | family | timm architecture | changed kwargs | params | MACs | epochs | "
+        "train s | val top-1 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, spec in train_suite.SUITE.items():
+        path = train_suite.weights_path(key).with_suffix(".json")
+        if not path.is_file():
+            continue
+        info = json.loads(path.read_text())
+        macs = counted_macs(train_suite.build_model(spec).eval(), (3, 32, 32))
+        kwargs = ", ".join(f"{k}={v}" for k, v in spec.kwargs.items()) or "–"
+        lines.append(
+            f"| {key} | {spec.family} | `{spec.timm_name}` | {kwargs} | {info['params']:,} | "
+            f"{macs / 1e6:.1f} M | {spec.epochs} | {info['train_seconds']:.0f} | "
+            f"{info['val_top1']:.1%} |"
+        )
+    return [*lines, ""]
+
+
 def write_doc(doc: Path = DOC, doc_json: Path = DOC_JSON) -> None:
     """docs/accuracy.md (intro kept above the generated block) and docs/accuracy.json."""
     from prune_eval import replace_block
@@ -810,7 +845,8 @@ def write_doc(doc: Path = DOC, doc_json: Path = DOC_JSON) -> None:
         for key in dict.fromkeys(r["model"] for r in records):
             sections += model_table(key, [r for r in records if r["model"] == key], targets)
     env = payload["environment"]
-    sections.insert(0, "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".\n")
+    head = ["Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".", ""]
+    sections = head + models_table() + sections
     replace_block(doc, "accuracy-suite", "\n".join(sections).rstrip())
     doc_json.write_text(json.dumps(payload, indent=1) + "\n")
 
