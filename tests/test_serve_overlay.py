@@ -35,7 +35,7 @@ from test_serving_e2e import (
 
 from mpdeploy.errors import UserError
 from mpdeploy.serving import publish
-from mpdeploy.serving.config import config_text, parse_config, read_config
+from mpdeploy.serving.config import parse_config, read_config
 from mpdeploy.serving.overlay import (
     NATIVE,
     NOT_SERVED,
@@ -77,29 +77,21 @@ def repo(build, tmp_path_factory) -> Path:
     publish(make_plan_build(build, base / "plan"), repo, name="test_vit_plan")
     publish(build, repo, python_backend=True)
     if HAS_OPENVINO:
-        _add_openvino_model(build, repo)
+        _publish_openvino_build(build, base, repo)
     return repo
 
 
-def _add_openvino_model(build: Path, repo: Path) -> None:
-    """An openvino model as Triton's openvino backend takes it: IR files and `backend: openvino`.
+def _publish_openvino_build(build: Path, base: Path, repo: Path) -> None:
+    """`--backend openvino --precision fp32` on the same ONNX, published as Triton's openvino
+    backend takes it: `backend: "openvino"`, model.xml + model.bin, INFERENCE_PRECISION_HINT f32."""
+    from _serving_build import MAX_BATCH, copy_build
 
-    fp32 inference precision: the parity reference was verified for fp32.
-    """
-    import openvino as ov
+    from mpdeploy.backends import EngineOptions, get_backend
 
-    config = read_config(repo / "test_vit" / "config.pbtxt")
-    config.name = "test_vit_openvino"
-    config.ClearField("platform")
-    config.backend = "openvino"
-    config.parameters["INFERENCE_PRECISION_HINT"].string_value = "f32"
-    model_dir = repo / config.name
-    (model_dir / "1").mkdir(parents=True)
-    (model_dir / "config.pbtxt").write_text(config_text(config))
-    (model_dir / "labels.txt").write_bytes((repo / "test_vit" / "labels.txt").read_bytes())
-    # fp32 weights: save_model would otherwise compress them to fp16.
-    model = ov.convert_model(str(build / "model.onnx"))
-    ov.save_model(model, str(model_dir / "1" / "model.xml"), compress_to_fp16=False)
+    ov_build = copy_build(build, base / "openvino")
+    options = EngineOptions(precision="fp32", max_batch=MAX_BATCH)
+    get_backend("openvino").build(ov_build / "model.onnx", ov_build, options)
+    publish(ov_build, repo, name="test_vit_openvino")
 
 
 def tree_digest(root: Path) -> str:
@@ -204,6 +196,13 @@ def test_overlay_keeps_name_versions_io_batching_and_labels(repo):
             assert onnx.resolve() == (repo / "test_vit" / version / "model.onnx").resolve()
             template = Path(__file__).parents[1] / "mpdeploy" / "serving" / "python_model.py"
             assert (model / version / "model.py").read_bytes() == template.read_bytes()
+        if HAS_OPENVINO:  # the runner and its file come from the published `backend: "openvino"`
+            ov_config = parse_config((root / "test_vit_openvino" / "config.pbtxt").read_text())
+            parameters = {k: v.string_value for k, v in ov_config.parameters.items()}
+            assert parameters["mpdeploy_runner"] == "openvino"
+            assert parameters["mpdeploy_model_file"] == "model.xml"
+            assert parameters["INFERENCE_PRECISION_HINT"] == "f32"  # the verified precision
+            assert (root / "test_vit_openvino" / "1" / "model.bin").is_symlink()
     assert not root.exists()
     assert tree_digest(repo) == before
 

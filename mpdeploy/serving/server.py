@@ -274,13 +274,13 @@ def serve(
         _echo_states(echo, plan, states)
         if not any(m.state == "READY" for m in states):
             raise UserError(f"{repo}: no model is READY in the bundled Triton server")
-        if served_repo != repo:
-            echo(f"Serving through the temporary overlay {served_repo} ({repo} is not changed)")
-        echo(f"Triton is serving {repo} (started in {server.startup_s:.1f} s)")
-        echo(f"  HTTP  http://{server.http_url}")
-        echo(f"  gRPC  {server.grpc_url}")
-        echo("Press Ctrl-C to stop.")
-        try:
+        try:  # from here on, a signal (even one sent on seeing the lines below) stops cleanly
+            if served_repo != repo:
+                echo(f"Serving through the temporary overlay {served_repo} ({repo} is not changed)")
+            echo(f"Triton is serving {repo} (started in {server.startup_s:.1f} s)")
+            echo(f"  HTTP  http://{server.http_url}")
+            echo(f"  gRPC  {server.grpc_url}")
+            echo("Press Ctrl-C to stop.")
             while server.running():
                 time.sleep(0.5)
             raise UserError(f"tritonserver exited unexpectedly: {server.failure_summary()}")
