@@ -157,7 +157,7 @@ def test_backends_mpdeploy_cannot_run_get_a_reason_and_a_remedy(tmp_path, monkey
     assert (
         ov_route.reason == "no openvino backend in this server, and openvino is not installed here"
     )
-    assert ov_route.remedy.startswith("`pip install openvino` and serve again")
+    assert ov_route.remedy.startswith("`pip install 'mpdeploy[openvino]'` and serve again")
     lines: list[str] = []
     with pytest.raises(UserError, match="no model in it can be served here"):
         serve(repo, echo=lines.append)
@@ -312,6 +312,7 @@ def test_strict_serves_only_what_the_server_itself_loads(build, tmp_path, capsys
     captured = capsys.readouterr()
     assert code == 2
     assert "test_vit v1: UNAVAILABLE" in captured.out and "unable to find backend" in captured.out
+    assert f"— without --strict: {ORT_LINE}" in captured.out  # which option would serve it
     assert "overlay" not in captured.out
     assert (
         captured.err.strip()

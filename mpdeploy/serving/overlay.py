@@ -63,7 +63,7 @@ class Runtime:
 # Triton backend → the runtime that runs the same artifact inside the python backend.
 RUNTIMES = {
     "onnxruntime": Runtime("onnxruntime", "ONNX Runtime", "onnxruntime", "pip install onnxruntime"),
-    "openvino": Runtime("openvino", "OpenVINO", "openvino", "pip install openvino"),
+    "openvino": Runtime("openvino", "OpenVINO", "openvino", "pip install 'mpdeploy[openvino]'"),
 }
 
 

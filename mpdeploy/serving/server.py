@@ -29,7 +29,14 @@ from pathlib import Path
 
 from mpdeploy.errors import MissingDependencyError, UserError
 from mpdeploy.fileio import remove_stale_debris
-from mpdeploy.serving.overlay import NOT_SERVED, ServingPlan, overlay_repository, plan_serving
+from mpdeploy.serving.overlay import (
+    NOT_SERVED,
+    PYTHON,
+    ModelRoute,
+    ServingPlan,
+    overlay_repository,
+    plan_serving,
+)
 from mpdeploy.serving.ports import check_ports
 
 INSTALL_HINT = "pip install 'mpdeploy[serve]'"
@@ -259,19 +266,19 @@ def serve(
         raise UserError(f"{repo}: model repository not found")
     _require_numpy_below_2()
     bundle = find_bundled_server()
-    plan = None if strict else plan_serving(repo, server_backends(bundle))
-    if plan is not None and all(route.served_by == NOT_SERVED for route in plan.routes):
-        _echo_states(echo, plan, [])
+    plan = plan_serving(repo, server_backends(bundle))
+    if not strict and all(route.served_by == NOT_SERVED for route in plan.routes):
+        _echo_states(echo, plan, [], strict=False)
         raise UserError(f"{repo}: no model in it can be served here (reasons above)")
     with (
         _sigterm_as_interrupt(),
-        overlay_repository(plan) if plan else contextlib.nullcontext(repo) as served_repo,
+        contextlib.nullcontext(repo) if strict else overlay_repository(plan) as served_repo,
         TritonServer(
             served_repo, http_port, grpc_port, ready_timeout=ready_timeout, strict=False
         ) as server,
     ):
         states = server.model_states()
-        _echo_states(echo, plan, states)
+        _echo_states(echo, plan, states, strict=strict)
         if not any(m.state == "READY" for m in states):
             raise UserError(f"{repo}: no model is READY in the bundled Triton server")
         try:  # from here on, a signal (even one sent on seeing the lines below) stops cleanly
@@ -288,17 +295,37 @@ def serve(
             echo("stopping Triton…")
 
 
-def _echo_states(echo, plan: ServingPlan | None, states: list[ModelState]) -> None:
-    """One line per model version the server knows, then one per model it was not given."""
+def _echo_states(echo, plan: ServingPlan, states: list[ModelState], *, strict: bool) -> None:
+    """One line per model version the server knows, saying how it is served (or, under
+    `strict`, how it would be without it), then one per model it was not given and why."""
     for model in states:
-        route = plan.route(model.name) if plan else None
+        route = plan.route(model.name)
         reason = f" ({model.reason})" if model.reason else ""
-        how = f" — {route.describe()}" if route else ""
+        how = _how(route, model, strict, plan.repo)
         echo(f"  {model.name} v{model.version or '-'}: {model.state}{reason}{how}")
+    if strict:
+        return
     listed = {model.name for model in states}
-    for route in plan.routes if plan else ():
+    for route in plan.routes:
         if route.served_by == NOT_SERVED and route.name not in listed:
             echo(f"  {route.name}: NOT SERVED — {route.describe()}")
+
+
+def _how(route: ModelRoute | None, model: ModelState, strict: bool, repo: Path) -> str:
+    if route is None:
+        return ""
+    if not strict:
+        check = (
+            "" if model.state == "READY" else f"; check it with `mpdeploy package --check {repo}`"
+        )
+        return f" — {route.describe()}{check}"
+    if model.state == "READY":
+        return ""
+    if route.served_by == PYTHON:
+        return f" — without --strict: {route.describe()}"
+    if route.served_by == NOT_SERVED:
+        return f" — {route.describe()}"
+    return ""
 
 
 @contextlib.contextmanager
