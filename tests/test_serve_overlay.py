@@ -163,6 +163,9 @@ def test_backends_mpdeploy_cannot_run_get_a_reason_and_a_remedy(tmp_path, monkey
         serve(repo, echo=lines.append)
     assert len(lines) == 2 and all(": NOT SERVED — " in line for line in lines), lines
     assert any("To serve it, use a Triton that has the pytorch backend" in x for x in lines)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no model folders in it; publish one with `mpdeploy build"):
+        serve(tmp_path / "empty")
 
 
 def test_overlay_keeps_name_versions_io_batching_and_labels(repo):

@@ -267,6 +267,10 @@ def serve(
     _require_numpy_below_2()
     bundle = find_bundled_server()
     plan = plan_serving(repo, server_backends(bundle))
+    if not plan.routes:
+        raise UserError(
+            f"{repo}: no model folders in it; publish one with `mpdeploy build --triton-repo {repo}`"
+        )
     if not strict and all(route.served_by == NOT_SERVED for route in plan.routes):
         _echo_states(echo, plan, [], strict=False)
         raise UserError(f"{repo}: no model in it can be served here (reasons above)")
