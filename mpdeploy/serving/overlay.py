@@ -73,13 +73,15 @@ class ModelRoute:
 
     name: str
     kind: str  # platform or backend the published config names
-    backend: str  # the Triton backend that kind needs
+    backend: str  # the Triton backend that kind needs ("" when the config does not parse)
     served_by: str  # NATIVE | PYTHON | NOT_SERVED
     runtime: Runtime | None = None  # PYTHON: what model.py runs the artifact with
     reason: str = ""  # NOT_SERVED: why
     remedy: str = ""  # NOT_SERVED: what to do
 
     def describe(self) -> str:
+        if self.served_by == NATIVE and not self.backend:
+            return "config.pbtxt does not parse: given to the server as published, which says why"
         if self.served_by == NATIVE:
             return f"{self.kind} → this server's {self.backend} backend"
         if self.served_by == PYTHON:
@@ -132,7 +134,7 @@ def _route(model_dir: Path, backends: frozenset[str], gpu_names) -> ModelRoute:
         config = read_config(model_dir / CONFIG_FILE)
     except UserError:
         # Served as it is, so that the server itself reports what is wrong with it.
-        return ModelRoute(name, "unreadable config", "?", NATIVE)
+        return ModelRoute(name, "unreadable config", "", NATIVE)
     kind = model_kind(config)
     backend = config.backend or _PLATFORM_BACKENDS.get(config.platform, config.platform)
     if backend in backends:
