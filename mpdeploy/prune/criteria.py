@@ -17,6 +17,12 @@ compared through exactly the same code. Low score = removed first.
   the planner's score-per-MAC ranking is uniform too (no preference for expensive units).
 - `taylor`: first-order Taylor, mean over images of |Σ h·∂L/∂h| over the unit's channels and
   positions, with L the cross-entropy against the model's own top-1 predictions (no labels, no KD).
+- `mp_fisher`: the expected change of the KL distillation loss against the dense logits when the
+  unit is replaced by its calibration mean (what `bias` compensation leaves), to second order:
+  E[(Σ_{channels∈u, positions} g·(h − μ))²], with g = ∂CE(z, y)/∂h for a label y *sampled* from
+  the model's own softmax, so that E_y[g gᵀ] is the Gauss–Newton matrix of KL(p_dense ‖ p) at
+  the dense model (no labels needed). Divided by the consumer layer's MP budget weight, as `mp`.
+- `fisher`: the same without the budget weight.
 """
 
 from __future__ import annotations
@@ -166,11 +172,63 @@ class TaylorCriterion(Criterion):
         return {name: (total / n).numpy() for name, total in sums.items()}
 
 
+class FisherCriterion(Criterion):
+    """Second-order KL change of replacing each unit by its mean, from sampled-label gradients.
+
+    Per image i and channel c the pass keeps a_ic = Σ_pos g·h and b_ic = Σ_pos g; with the channel
+    mean μ_c known after the pass, the unit's loss change is Σ_{c∈u} (a_ic − μ_c b_ic).
+    """
+
+    name = "fisher"
+    min_calibration = 2
+    budget_weighted: ClassVar[bool] = False
+    temperature: ClassVar[float] = 1.0
+
+    def unit_scores(self, model, groups, ctx):
+        first = {g.name: [] for g in groups}  # per batch (B, width): Σ g·h
+        grad_sums = {g.name: [] for g in groups}  # per batch (B, width): Σ g
+        means = {g.name: _ChannelMean() for g in groups}
+
+        def observe(group: ChannelGroup, module: nn.Module, x: torch.Tensor) -> None:
+            means[group.name].add(module, x.detach())
+
+            def on_grad(grad: torch.Tensor, x=x.detach(), group=group, module=module) -> None:
+                first[group.name].append(_per_sample_channel_sums(module, x * grad).double())
+                grad_sums[group.name].append(_per_sample_channel_sums(module, grad).double())
+
+            x.register_hook(on_grad)
+
+        generator = torch.Generator().manual_seed(ctx.seed)
+        with _grad_enabled(model), _consumer_inputs(model, groups, observe):
+            for batch in _batches(ctx):
+                logits = model(batch) / self.temperature
+                probs = torch.softmax(logits.detach().double(), 1)
+                labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
+        model.zero_grad(set_to_none=True)
+        weights = dict(ctx.budget_weights) if self.budget_weighted else {}
+        scores = {}
+        for g in groups:
+            mu = means[g.name].mean()
+            change = torch.cat(first[g.name]) - torch.cat(grad_sums[g.name]) * mu  # (N, width)
+            per_unit = change.view(change.shape[0], g.units, g.unit).sum(2)
+            weight = float(weights.get(g.consumer_module, 1.0))
+            scores[g.name] = (per_unit.pow(2).mean(0) / weight).numpy()
+        return scores
+
+
+class MPFisherCriterion(FisherCriterion):
+    name = "mp_fisher"
+    budget_weighted = True
+
+
 CRITERIA: dict[str, type[Criterion]] = {
     c.name: c
     for c in (
         MPCriterion,
         MPAbsoluteCriterion,
+        MPFisherCriterion,
+        FisherCriterion,
         MagnitudeCriterion,
         RandomCriterion,
         TaylorCriterion,
@@ -232,6 +290,26 @@ class _SecondMoment:
         weight = self.weight.permute(1, 0, 2)  # (units, out, features)
         energy = (torch.bmm(weight, moment) * weight).sum(dim=(1, 2))
         return energy.clamp_min(0).numpy()
+
+
+class _ChannelMean:
+    """Per-channel mean of a consumer input over images and positions, in float64."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, module: nn.Module, x: torch.Tensor) -> None:
+        if isinstance(module, nn.Linear):
+            rows = x.reshape(-1, x.shape[-1])
+        else:
+            rows = x.transpose(0, 1).reshape(x.shape[1], -1).T
+        total = rows.double().sum(0)
+        self.total = total if self.total is None else self.total + total
+        self.count += rows.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)
 
 
 class _ResidualEnergy:

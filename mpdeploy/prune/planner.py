@@ -5,7 +5,8 @@ width a multiple of `round_to` channels (heads: a head count whose width is such
 the head size allows) and never below one head or 8 channels. All chunks are ranked globally by
 score per MAC; a plan is a prefix of that ranking. The prefix is chosen with MAC estimates, then
 corrected with `count_macs` on the actually cut model until the reduction is within tolerance.
-`prune_model` runs the whole prune stage: score, plan, cut, measure.
+`prune_model` runs the whole prune stage: score, plan, cut, compensate (`prune/compensate.py`),
+measure.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 from mpdeploy.errors import UserError
 from mpdeploy.families import get_family
 from mpdeploy.families.groups import ChannelGroup
+from mpdeploy.prune.compensate import DEFAULT_COMPENSATION, parse_compensation
 
 MIN_CHANNELS = 8  # never keep fewer neurons/channels in a layer (heads: at least one)
 
@@ -35,6 +37,11 @@ class PruneConfig:
     seed: int = 0
     tolerance: float = 0.01  # |achieved − target| on the MAC-reduction fraction
     batch_size: int = 32  # calibration forward batch for scoring and the headline
+    compensate: str = DEFAULT_COMPENSATION  # closed-form re-fit after the cut (compensate.py)
+    compensate_inputs: str = "dense"  # CompensateConfig.inputs: "dense" | "pruned"
+
+    def __post_init__(self):
+        parse_compensation(self.compensate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +82,7 @@ def prune_model(
     if config.round_to < 1:
         raise UserError(f"round_to must be at least 1 (got {config.round_to})")
     criterion = get_criterion(config.method)
+    _check_compensation_inputs(calib, config)
     family = get_family(model)
     model = model.eval()
     if input_shape is None:
@@ -105,12 +113,14 @@ def prune_model(
     prefix, trials = choose_prefix(chunks, dense_count.total_macs, config, reduction)
     removed = removed_units(chunks[:prefix])
     pruned = measure(removed).eval()
+    compensation = _compensate(model, pruned, calib, groups, removed, config)
     pruned_count = count_macs(pruned, (1, *input_shape))
     widths = group_widths(pruned)
     achieved = 1.0 - pruned_count.total_macs / dense_count.total_macs
 
     headline = {
         "method": config.method,
+        "compensate": config.compensate,
         "target_macs": config.target_macs,
         "dense_macs": dense_count.total_macs,
         "pruned_macs": pruned_count.total_macs,
@@ -128,8 +138,9 @@ def prune_model(
         "round_to": config.round_to,
         "seed": config.seed,
         "budget_weights_from": "spectrum" if ctx.budget_weights else "none (all 1.0)",
-        "uses_budget_weights": config.method in ("mp", "mp_absolute"),
+        "uses_budget_weights": config.method in ("mp", "mp_absolute", "mp_fisher"),
         "mac_iterations": trials,
+        "compensation": compensation,
         "groups": [
             group_record(g, scores[g.name], removed.get(g.name, set()), unit_macs[g.name], ctx)
             for g in groups
@@ -144,6 +155,35 @@ def prune_model(
     }
     new_spec = spec.with_widths(widths) if spec is not None else None
     return PruneResult(pruned, new_spec, plan, headline)
+
+
+def _check_compensation_inputs(calib: torch.Tensor | None, config: PruneConfig) -> None:
+    have = 0 if calib is None else int(calib.shape[0])
+    if config.compensate != "none" and have < 2:
+        raise UserError(
+            f"--compensate {config.compensate} needs at least 2 calibration images (got {have}); "
+            "use --compensate none to prune without calibration data"
+        )
+
+
+def _compensate(
+    dense: nn.Module,
+    pruned: nn.Module,
+    calib: torch.Tensor | None,
+    groups: list[ChannelGroup],
+    removed: dict[str, set[int]],
+    config: PruneConfig,
+) -> dict[str, Any]:
+    from mpdeploy.prune.compensate import CompensateConfig, compensate, structured_layers
+
+    layers = structured_layers(dense, groups, removed)
+    cfg = CompensateConfig(
+        config.compensate,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        inputs=config.compensate_inputs,
+    )
+    return compensate(dense, pruned, calib, layers, cfg)
 
 
 def budget_weights(spectrum: Any) -> dict[str, float]:

@@ -1,0 +1,464 @@
+"""Closed-form compensation after removal: re-fit what reads the cut channels, no training.
+
+After structured pruning (or an N:M projection) each affected layer ℓ of the pruned model reads
+inputs x̂ that lack some channels (or weight slots). Three switchable corrections, combined with
+'+' (`--compensate lsq+bn`):
+
+- `bias`: add E[y_ℓ(dense)] − E[ŷ_ℓ(pruned)] to the layer's bias, i.e. the removed channels'
+  calibration mean activation × their weight columns (plus any mean shift upstream). A layer with
+  no bias folds it into the BatchNorm right after it (running_mean −= δ, exact in eval mode);
+  where neither exists the layer is left alone and the record says so.
+- `lsq`: least squares of the layer's kept weights (and bias) so its output on the calibration
+  rows stays closest to the dense layer's: min ‖[x̂, 1] β − y‖² + λ‖β‖², with x̂ the pruned
+  network's input rows (tokens of a Linear, im2col patches of a Conv2d: exact, not restricted to
+  1×1) and y the dense layer's output on the same images and rows. X̂ᵀX̂ and X̂ᵀY are summed in one
+  streaming pass in float64 (memory does not grow with the calibration set); λ = ridge × the mean
+  diagonal of X̂ᵀX̂. With an N:M mask each output row is solved on its own kept slots.
+- `bn`: BatchNorm running statistics re-estimated on the calibration images (CNNs; none in ViTs).
+
+All statistics come from one paired pass of the dense and the pruned network (the pruned inputs
+are those of the uncompensated network), then BatchNorm re-estimation, if asked, runs last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpdeploy.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PARTS = ("bias", "lsq", "bn")
+COMPENSATIONS = ("none", "bias", "lsq", "bn", "bias+bn", "lsq+bn")
+DEFAULT_COMPENSATION = "lsq+bn"
+MAX_LSQ_FEATURES = 4608  # im2col width above which an N:M conv gets `bias` instead of `lsq`
+
+
+@dataclasses.dataclass(frozen=True)
+class CompensateConfig:
+    method: str = DEFAULT_COMPENSATION
+    ridge: float = 1e-3  # λ relative to the mean diagonal of X̂ᵀX̂
+    max_rows: int = 65536  # calibration rows (tokens / positions) per layer, spread over batches
+    batch_size: int = 32
+    seed: int = 0
+    # where the input rows x̂ come from: "dense" = the dense network's input to the layer, kept
+    # columns only (each layer corrects its own cut); "pruned" = the uncompensated pruned
+    # network's (each layer also corrects upstream cuts, which their own fits correct again)
+    inputs: str = "dense"
+
+    def __post_init__(self):
+        parse_compensation(self.method)
+        if self.inputs not in ("dense", "pruned"):
+            raise UserError(f"compensation inputs must be 'dense' or 'pruned' (got {self.inputs})")
+        if self.ridge < 0:
+            raise UserError(f"compensation ridge must be ≥ 0 (got {self.ridge})")
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return parse_compensation(self.method)
+
+
+def parse_compensation(name: str) -> tuple[str, ...]:
+    """'lsq+bn' → ('lsq', 'bn'); 'none' → (); a UserError for anything else."""
+    if name not in COMPENSATIONS:
+        raise UserError(f"unknown --compensate '{name}': choose one of {', '.join(COMPENSATIONS)}")
+    return () if name == "none" else tuple(name.split("+"))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFit:
+    """One layer to re-fit: its name (same in both models) and where its pruned weights sit.
+
+    `out_rows`: dense output channels the pruned layer still has (None: all of them).
+    `support`: bool (out, features) of the weight slots allowed to be non-zero (an N:M mask,
+    flattened like weight.reshape(out, -1)); None: every slot of the pruned weight.
+    `in_features`: the dense layer's flattened input columns the pruned layer still reads (for
+    `inputs="dense"`); None: all of them.
+    """
+
+    name: str
+    out_rows: torch.Tensor | None = None
+    support: torch.Tensor | None = None
+    in_features: torch.Tensor | None = None  # kept columns of the dense flattened weight
+
+
+def compensate(
+    dense: nn.Module,
+    pruned: nn.Module,
+    calib: torch.Tensor,
+    layers: list[LayerFit],
+    config: CompensateConfig,
+) -> dict[str, Any]:
+    """Apply `config.parts` to `pruned` in place; return the record (what was done where)."""
+    parts = config.parts
+    start = time.perf_counter()
+    record: dict[str, Any] = {"method": config.method, "layers": {}, "calibration_images": 0}
+    if not parts:
+        return record
+    if calib is None or calib.shape[0] < 2:
+        have = 0 if calib is None else int(calib.shape[0])
+        raise UserError(
+            f"--compensate {config.method} needs at least 2 calibration images (got {have})"
+        )
+    record["calibration_images"] = int(calib.shape[0])
+    fit_part = "lsq" if "lsq" in parts else "bias" if "bias" in parts else None
+    if fit_part and layers:
+        stats = collect_statistics(
+            dense, pruned, calib, layers, config, need_gram=fit_part == "lsq"
+        )
+        ill_posed = ill_posed_layers(stats, layers, calib.shape[0]) if fit_part == "lsq" else {}
+        for layer in layers:
+            part = "bias" if layer.name in ill_posed else fit_part
+            entry = refit_layer(pruned, layer, stats[layer.name], part, config.ridge)
+            if layer.name in ill_posed:
+                entry["lsq_needs_images"] = ill_posed[layer.name]
+            record["layers"][layer.name] = entry
+        if ill_posed:
+            record["lsq_fell_back_to_bias"] = sorted(ill_posed)
+    if "bn" in parts:
+        record["batchnorm_layers"] = reestimate_batchnorm(pruned, calib, config.batch_size)
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    return record
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+class _LayerStats:
+    """Σ x̃ x̃ᵀ (or Σ x̃ only) and Σ x̃ yᵀ over calibration rows, x̃ = [x̂, 1], in float64."""
+
+    def __init__(self, features: int, outputs: int, need_gram: bool):
+        self.need_gram = need_gram
+        size = features + 1
+        self.gram = torch.zeros(size, size, dtype=torch.float64) if need_gram else None
+        self.sum_x = torch.zeros(size, dtype=torch.float64)
+        self.cross = torch.zeros(size, outputs, dtype=torch.float64) if need_gram else None
+        self.sum_y = torch.zeros(outputs, dtype=torch.float64)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+        y = y.double()
+        self.sum_x += x.sum(0)
+        self.sum_y += y.sum(0)
+        if self.need_gram:
+            self.gram += x.T @ x
+            self.cross += x.T @ y
+        self.rows += x.shape[0]
+
+
+def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows a layer multiplies its flattened weight with: tokens, or im2col patches."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if module.padding_mode != "zeros":
+        raise UserError(f"compensation supports zero-padded convs only ({module})")
+    padding = module.padding
+    if isinstance(padding, str):  # "same"/"valid": pad explicitly, then unfold without padding
+        x = F.pad(x, module._reversed_padding_repeated_twice)
+        padding = 0
+    patches = F.unfold(
+        x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
+    )  # (B, C·kh·kw, L): the order of weight.reshape(out, -1)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+def output_rows(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, nn.Linear):
+        return y.reshape(-1, y.shape[-1])
+    return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+
+
+def collect_statistics(
+    dense: nn.Module,
+    pruned: nn.Module,
+    calib: torch.Tensor,
+    layers: list[LayerFit],
+    config: CompensateConfig,
+    *,
+    need_gram: bool,
+) -> dict[str, _LayerStats]:
+    """The dense layers' outputs (targets) and the input rows x̂, summed over the calibration set.
+
+    inputs="dense": one pass of the dense network; inputs="pruned": paired passes, batch by batch.
+    """
+    from mpdeploy.prune.cast import _RowQuota
+
+    stats, quotas, targets, handles = {}, {}, {}, []
+    current = [0]
+
+    def add(layer: LayerFit, x: torch.Tensor, y: torch.Tensor) -> None:
+        chosen = quotas[layer.name].choose(x.shape[0], current[0])
+        stats[layer.name].add(x[chosen], y[chosen])
+
+    for layer in layers:
+        module = pruned.get_submodule(layer.name)
+        _check_layer(module, layer.name)
+        features = module.weight[0].numel()
+        stats[layer.name] = _LayerStats(features, module.weight.shape[0], need_gram)
+        quotas[layer.name] = _RowQuota(calib.shape[0], config.max_rows, config.seed)
+
+        def dense_hook(mod, inputs, output, layer=layer):
+            y = output_rows(mod, output.detach())
+            y = y if layer.out_rows is None else y[:, layer.out_rows]
+            if config.inputs == "pruned":
+                targets[layer.name] = y
+                return
+            x = layer_rows(mod, inputs[0].detach())
+            add(layer, x if layer.in_features is None else x[:, layer.in_features], y)
+
+        def pruned_hook(mod, inputs, layer=layer):
+            add(layer, layer_rows(mod, inputs[0].detach()), targets.pop(layer.name))
+
+        handles.append(dense.get_submodule(layer.name).register_forward_hook(dense_hook))
+        if config.inputs == "pruned":
+            handles.append(module.register_forward_pre_hook(pruned_hook))
+    try:
+        with torch.no_grad():
+            for batch in calib.split(config.batch_size):
+                current[0] = batch.shape[0]
+                dense(batch)
+                if config.inputs == "pruned":
+                    pruned(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def _check_layer(module: nn.Module, name: str) -> None:
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        raise UserError(f"compensation supports Linear and Conv2d layers ({name} is {module})")
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        raise UserError(f"compensation does not support grouped convs ({name})")
+
+
+def ill_posed_layers(
+    stats: Mapping[str, _LayerStats], layers: list[LayerFit], images: int
+) -> dict[str, int]:
+    """Layers with fewer calibration rows than unknowns per output row → images they would need.
+
+    Those layers get the `bias` fit instead of `lsq` (a warning says so): least squares on fewer
+    rows than unknowns reproduces the calibration rows exactly and little else.
+    """
+    needs = {}
+    for layer in layers:
+        s = stats[layer.name]
+        unknowns = _max_unknowns(layer, s)
+        if s.rows < unknowns:
+            per_image = max(s.rows // max(images, 1), 1)
+            needs[layer.name] = -(-unknowns // per_image)
+    if needs:
+        log.warning(
+            "--compensate lsq: %d layer(s) have fewer calibration rows than unknowns (%s needs "
+            "%d images, got %d); they get the bias fit instead",
+            len(needs),
+            max(needs, key=needs.get),
+            max(needs.values()),
+            images,
+        )
+    return needs
+
+
+def _max_unknowns(layer: LayerFit, s: _LayerStats) -> int:
+    if layer.support is None:
+        return s.gram.shape[0]
+    return int(layer.support.sum(1).max()) + 1
+
+
+# --- the fits -----------------------------------------------------------------------------------
+
+
+def refit_layer(
+    pruned: nn.Module, layer: LayerFit, s: _LayerStats, part: str, ridge: float
+) -> dict[str, Any]:
+    module = pruned.get_submodule(layer.name)
+    weight = module.weight.detach()
+    flat = weight.reshape(weight.shape[0], -1).double()
+    bias_sink = bias_target(pruned, layer.name)
+    if part == "lsq" and flat.shape[1] > MAX_LSQ_FEATURES and layer.support is not None:
+        part = "bias"
+    entry: dict[str, Any] = {"fit": part, "rows": s.rows, "bias_into": bias_sink}
+    bias = _current_bias(pruned, layer.name, bias_sink, weight.shape[0])
+    if part == "lsq":
+        new_flat, new_bias = solve_lsq(s, layer.support, ridge, fit_bias=bias_sink is not None)
+        if bias_sink is None:
+            new_bias = bias
+        entry["weight_change"] = float((new_flat - flat).norm() / flat.norm().clamp_min(1e-30))
+    else:
+        mean_x = s.sum_x[:-1] / s.rows
+        predicted = flat @ mean_x + bias
+        new_flat, new_bias = flat, bias + (s.sum_y / s.rows - predicted)
+        if bias_sink is None:
+            entry["fit"] = "none (no bias and no BatchNorm after it to hold one)"
+            return entry
+    entry["bias_shift"] = float((new_bias - bias).abs().max())
+    with torch.no_grad():
+        module.weight.copy_(new_flat.reshape(weight.shape).to(weight.dtype))
+        if bias_sink is not None:
+            _write_bias(pruned, layer.name, bias_sink, new_bias)
+    return entry
+
+
+def solve_lsq(
+    s: _LayerStats, support: torch.Tensor | None, ridge: float, *, fit_bias: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """β = (X̃ᵀX̃ + λD)⁻¹ X̃ᵀY on each row's support; λ on the weights only, not the bias."""
+    gram, cross = s.gram, s.cross
+    features = gram.shape[0] - 1
+    if not fit_bias:  # no place for a bias: solve on the weight columns only
+        gram, cross = gram[:-1, :-1], cross[:-1]
+    diag = gram.diagonal()[:features]
+    lam = ridge * float(diag.mean()) if features else 0.0
+    reg = torch.zeros(gram.shape[0], dtype=torch.float64)
+    reg[:features] = lam
+    outputs = cross.shape[1]
+    weight = torch.zeros(outputs, features, dtype=torch.float64)
+    bias = torch.zeros(outputs, dtype=torch.float64)
+    if support is None:
+        beta = _solve(gram + torch.diag(reg), cross)  # (features[+1], out)
+        weight[:] = beta[:features].T
+        if fit_bias:
+            bias[:] = beta[features]
+        return weight, bias
+    support = support.reshape(outputs, features).bool()
+    counts = support.sum(1)
+    for count in torch.unique(counts).tolist():
+        rows = (counts == count).nonzero().squeeze(1)
+        for chunk in rows.split(max(1, int(2e7) // (count + 1) ** 2)):  # ≤ ~160 MB of sub-Grams
+            idx = support[chunk].nonzero()[:, 1].view(len(chunk), count)
+            if fit_bias:
+                idx = torch.cat([idx, torch.full((len(chunk), 1), features)], 1)
+            sub = gram[idx.unsqueeze(2), idx.unsqueeze(1)] + torch.diag_embed(reg[idx])
+            rhs = cross[idx, chunk.unsqueeze(1)].unsqueeze(2)
+            beta = _solve(sub, rhs).squeeze(2)
+            weight[chunk.unsqueeze(1), idx[:, :count]] = beta[:, :count]
+            if fit_bias:
+                bias[chunk] = beta[:, count]
+    return weight, bias
+
+
+def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cholesky solve of the SPD normal equations; a pseudo-inverse fallback if singular."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    if bool((info == 0).all()):
+        return torch.cholesky_solve(b, chol)
+    return torch.linalg.lstsq(a, b, driver="gelsd").solution
+
+
+def bias_target(model: nn.Module, name: str) -> str | None:
+    """Where layer `name` can hold a bias: its own bias, or the BatchNorm right after it (whose
+    running mean then absorbs the layer's new output bias; a layer without one has bias 0)."""
+    module = model.get_submodule(name)
+    if module.bias is not None:
+        return f"{name}.bias"
+    parent, _, leaf = name.rpartition(".")
+    if leaf.startswith("conv"):  # timm ResNet convN → bnN
+        bn_name = f"{parent}.bn{leaf[4:]}" if parent else f"bn{leaf[4:]}"
+        try:
+            bn = model.get_submodule(bn_name)
+        except AttributeError:
+            return None
+        if (
+            isinstance(bn, nn.modules.batchnorm._BatchNorm)
+            and bn.num_features == module.weight.shape[0]
+        ):
+            return f"{bn_name}.running_mean"
+    return None
+
+
+def _current_bias(model: nn.Module, name: str, sink: str | None, outputs: int) -> torch.Tensor:
+    """The layer's own output bias (zero when it has none: a following BatchNorm's shift is not
+    part of the layer's output)."""
+    if sink is None or not sink.endswith(".bias"):
+        return torch.zeros(outputs, dtype=torch.float64)
+    return model.get_parameter(sink).detach().double()
+
+
+def _write_bias(model: nn.Module, name: str, sink: str, bias: torch.Tensor) -> None:
+    if sink.endswith(".bias"):
+        target = model.get_parameter(sink)
+        target.copy_(bias.to(target.dtype))
+    else:  # BN computes (x − running_mean): a bias δ on x is running_mean − δ
+        target = model.get_buffer(sink)
+        target.sub_(bias.to(target.dtype))
+
+
+# --- BatchNorm ------------------------------------------------------------------------------------
+
+
+def reestimate_batchnorm(model: nn.Module, calib: torch.Tensor, batch_size: int) -> int:
+    """Recompute every BatchNorm's running statistics on `calib` (the pass runs BatchNorms in
+    training mode, as timm/SWA's bn_update does): the running mean ends as the exact calibration
+    mean, the running variance as the batch-size-weighted mean of the per-batch variances."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    saved = [(m, m.momentum, m.training) for m in norms]
+    was_training = model.training
+    model.eval()
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.train()
+        seen = 0
+        with torch.no_grad():
+            for batch in calib.split(batch_size):
+                for m in norms:  # running ← running + b/(seen+b)·(batch − running): a weighted mean
+                    m.momentum = batch.shape[0] / (seen + batch.shape[0])
+                model(batch)
+                seen += batch.shape[0]
+    finally:
+        for m, momentum, training in saved:
+            m.momentum = momentum
+            m.train(training)
+        model.train(was_training)
+    return len(norms)
+
+
+# --- which layers to re-fit -----------------------------------------------------------------------
+
+
+def structured_layers(
+    model: nn.Module, groups: list[Any], removed: Mapping[str, set[int]]
+) -> list[LayerFit]:
+    """The consumer layers of the groups that lost units, with their kept dense output rows."""
+    from mpdeploy.prune.planner import keep_indices
+
+    keep = keep_indices(groups, removed)
+    # a consumer that also produces a cut group (ResNet bottleneck conv2) keeps fewer rows
+    out_rows = {}
+    for group in groups:
+        if group.name not in keep:
+            continue
+        for piece in group.producers:
+            module, _, attr = piece.name.rpartition(".")
+            if attr == "weight" and piece.dim == 0 and piece.offset == 0:
+                out_rows[module] = torch.as_tensor(keep[group.name])
+    fits = []
+    for group in groups:
+        if removed.get(group.name):
+            name = group.consumer_module
+            kept = torch.as_tensor(keep[group.name])
+            taps = model.get_submodule(name).weight[0, 0].numel()  # kh·kw (1 for a Linear)
+            columns = (kept.unsqueeze(1) * taps + torch.arange(taps)).flatten()
+            fits.append(LayerFit(name, out_rows=out_rows.get(name), in_features=columns))
+    return fits
+
+
+def masked_layers(masks: Mapping[str, torch.Tensor]) -> list[LayerFit]:
+    """N:M: every masked weight's layer, each output row solved on its kept slots."""
+    fits = []
+    for name, mask in masks.items():
+        module, _, attr = name.rpartition(".")
+        if attr == "weight":
+            fits.append(LayerFit(module, support=mask.reshape(mask.shape[0], -1).bool()))
+    return fits

@@ -1,0 +1,199 @@
+"""Closed-form compensation: exact where the algebra says so, equal to numpy's least squares."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import torch
+from test_prune_fixtures import input_size, make_model
+from torch import nn
+
+from mpdeploy.errors import UserError
+from mpdeploy.families import get_family
+from mpdeploy.families.surgery import prune_groups
+from mpdeploy.prune import PruneConfig, prune_model
+from mpdeploy.prune.compensate import (
+    CompensateConfig,
+    LayerFit,
+    compensate,
+    masked_layers,
+    parse_compensation,
+    reestimate_batchnorm,
+    structured_layers,
+)
+
+
+def _linear_pair(seed: int = 0, inputs: int = 6, outputs: int = 4):
+    torch.manual_seed(seed)
+    dense = nn.Sequential(nn.Identity(), nn.Linear(inputs, outputs)).double()
+    x = torch.randn(64, inputs, dtype=torch.float64) * torch.linspace(0.5, 2, inputs) + 0.3
+    return dense, x
+
+
+def _lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    design = np.concatenate([x, np.ones((x.shape[0], 1))], 1)
+    return np.linalg.lstsq(design, y, rcond=None)[0]  # (features + 1, out)
+
+
+def test_lsq_matches_numpy_lstsq():
+    dense, x = _linear_pair()
+    kept = torch.tensor([0, 2, 3, 5])
+    pruned = copy.deepcopy(dense)
+    pruned[1] = nn.Linear(4, 4).double()
+    record = compensate(
+        dense, pruned, x, [LayerFit("1", in_features=kept)], CompensateConfig("lsq", ridge=0.0)
+    )
+    y = dense(x).detach().numpy()
+    beta = _lstsq(x[:, kept].numpy(), y)
+    np.testing.assert_allclose(pruned[1].weight.detach().numpy(), beta[:-1].T, atol=1e-9)
+    np.testing.assert_allclose(pruned[1].bias.detach().numpy(), beta[-1], atol=1e-9)
+    assert record["layers"]["1"]["fit"] == "lsq" and record["layers"]["1"]["rows"] == 64
+
+
+def test_masked_lsq_solves_each_row_on_its_own_support():
+    dense, x = _linear_pair(seed=1, inputs=8)
+    support = torch.zeros(4, 8, dtype=torch.bool)
+    for row in range(4):  # 2:4 along the inputs, a different pattern per row
+        support[row, [row % 4, 4 + (row + 1) % 4]] = True
+        support[row, [(row + 2) % 4, 4 + (row + 3) % 4]] = True
+    pruned = copy.deepcopy(dense)
+    with torch.no_grad():
+        pruned[1].weight.mul_(support)
+    compensate(
+        dense, pruned, x, [LayerFit("1", support=support)], CompensateConfig("lsq", ridge=0.0)
+    )
+    y = dense(x).detach().numpy()
+    weight = pruned[1].weight.detach().numpy()
+    assert (weight[~support.numpy()] == 0).all()  # the N:M pattern survives the fit
+    for row in range(4):
+        cols = support[row].nonzero().squeeze(1).numpy()
+        beta = _lstsq(x[:, cols].numpy(), y[:, row])
+        np.testing.assert_allclose(weight[row, cols], beta[:-1], atol=1e-9)
+        assert float(pruned[1].bias[row].detach()) == pytest.approx(beta[-1], abs=1e-9)
+
+
+def test_prune_model_records_the_compensation():
+    model = make_model("mpdeploy_demo_vit", {})
+    calib = torch.randn(8, 3, 32, 32)
+    result = prune_model(model, calib, None, PruneConfig(0.3, method="magnitude"))
+    record = result.plan["compensation"]
+    assert record["method"] == PruneConfig(0.3).compensate == result.headline["compensate"]
+    refitted = {g["consumer"] for g in result.plan["groups"] if g["units_removed"]}
+    assert set(record["layers"]) == refitted and refitted
+
+
+@pytest.mark.parametrize("method", ["bias", "lsq", "lsq+bn"])
+def test_nothing_removed_leaves_the_weights_unchanged(method):
+    model = make_model("test_resnet", {})
+    calib = torch.randn(4, 3, 32, 32)
+    groups = get_family(model).channel_groups(model)
+    assert structured_layers(model, groups, {}) == []  # the planner's list of layers to re-fit
+    pruned = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    compensate(model, pruned, calib, [], CompensateConfig(method))
+    for name, value in pruned.state_dict().items():
+        if "running" in name or "num_batches" in name:
+            continue
+        assert torch.equal(before[name], value), name
+
+
+def test_full_support_lsq_and_bias_reproduce_a_3x3_conv():
+    """im2col rows and weight.reshape(out, -1) agree: a conv that lost nothing is re-fitted to
+    itself (lsq, ridge 0) and its bias is not moved (bias)."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Identity(), nn.Conv2d(3, 5, 3, padding=1, stride=2)).double()
+    x = torch.randn(8, 3, 9, 9, dtype=torch.float64)
+    for method in ("lsq", "bias"):
+        pruned = copy.deepcopy(dense)
+        compensate(dense, pruned, x, [LayerFit("1")], CompensateConfig(method, ridge=0.0))
+        torch.testing.assert_close(pruned[1].weight, dense[1].weight, atol=1e-8, rtol=0)
+        torch.testing.assert_close(pruned[1].bias, dense[1].bias, atol=1e-8, rtol=0)
+
+
+def _constant_unit(model: nn.Module, fc1: str, unit: int, value: float) -> None:
+    with torch.no_grad():
+        layer = model.get_submodule(fc1)
+        layer.weight[unit] = 0.0
+        layer.bias[unit] = value
+
+
+def test_bias_exactly_compensates_a_removed_constant_neuron():
+    model = make_model("test_vit", {})
+    _constant_unit(model, "blocks.0.mlp.fc1", 5, 1.0)  # GELU(1) for every image and token
+    calib = torch.randn(4, *input_size(model))
+    groups = get_family(model).channel_groups(model)
+    group = next(g for g in groups if g.name == "blocks.0.mlp")
+    keep = {group.name: [c for c in range(group.width) if c != 5]}
+    for method, exact in (("none", False), ("bias", True)):
+        pruned = prune_groups(copy.deepcopy(model), keep)
+        layers = structured_layers(model, groups, {group.name: {5}})
+        compensate(model, pruned, calib, layers, CompensateConfig(method))
+        with torch.no_grad():
+            error = float((pruned(calib) - model(calib)).abs().max())
+        assert (error < 1e-5) == exact, (method, error)
+
+
+def test_bias_folds_into_the_batchnorm_of_a_biasless_conv():
+    """ResNet bottleneck conv2 → bn2 → conv3: a constant channel removed from the conv2 group is
+    made up for through bn3's running mean (conv3 has no bias)."""
+    model = make_model("test_resnet", {})
+    groups = get_family(model).channel_groups(model)
+    group = next(g for g in groups if g.name.endswith(".conv2") and g.kind == "conv_inner")
+    block = group.name.rsplit(".", 1)[0]
+    with torch.no_grad():
+        model.get_submodule(f"{block}.conv2").weight[3] = 0.0
+        bn = model.get_submodule(f"{block}.bn2")
+        bn.weight[3], bn.bias[3] = 0.0, 1.5  # relu(1.5) everywhere
+    calib = torch.randn(4, *input_size(model))
+    keep = {group.name: [c for c in range(group.width) if c != 3]}
+    pruned = prune_groups(copy.deepcopy(model), keep)
+    layers = structured_layers(model, groups, {group.name: {3}})
+    record = compensate(model, pruned, calib, layers, CompensateConfig("bias"))
+    assert record["layers"][f"{block}.conv3"]["bias_into"] == f"{block}.bn3.running_mean"
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(calib), model(calib), atol=1e-4, rtol=1e-5)
+
+
+def test_batchnorm_reestimation_is_the_calibration_average():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    calib = torch.randn(10, 3, 5, 5) * 2 + 1
+    assert reestimate_batchnorm(model, calib, batch_size=4) == 1
+    with torch.no_grad():
+        feats = model[0](calib)
+    torch.testing.assert_close(model[1].running_mean, feats.mean((0, 2, 3)), atol=1e-5, rtol=0)
+    per_batch = torch.stack([f.var((0, 2, 3)) * len(f) for f in feats.split(4)]).sum(0) / 10
+    torch.testing.assert_close(model[1].running_var, per_batch, atol=1e-5, rtol=1e-5)
+    assert not model.training and model[1].momentum == 0.1
+
+
+def test_lsq_with_too_few_rows_falls_back_to_bias_and_says_so(caplog):
+    dense, x = _linear_pair(inputs=6)
+    pruned = copy.deepcopy(dense)
+    pruned[1] = nn.Linear(5, 4).double()
+    kept = torch.tensor([0, 1, 2, 3, 4])
+    with caplog.at_level(logging.WARNING):
+        record = compensate(
+            dense, pruned, x[:4], [LayerFit("1", in_features=kept)], CompensateConfig("lsq")
+        )
+    assert record["lsq_fell_back_to_bias"] == ["1"]
+    assert record["layers"]["1"]["fit"] == "bias" and record["layers"]["1"]["lsq_needs_images"] == 6
+    assert "needs 6 images, got 4" in caplog.text
+
+
+def test_masked_layers_reads_nm_masks():
+    masks = {"blocks.0.mlp.fc1.weight": torch.ones(8, 4, dtype=torch.bool)}
+    (fit,) = masked_layers(masks)
+    assert fit.name == "blocks.0.mlp.fc1" and fit.support.shape == (8, 4)
+
+
+def test_unknown_compensation_is_a_user_error():
+    assert parse_compensation("lsq+bn") == ("lsq", "bn") and parse_compensation("none") == ()
+    with pytest.raises(UserError, match="unknown --compensate 'ols'"):
+        PruneConfig(0.5, compensate="ols")
+    model = make_model("test_vit", {})
+    with pytest.raises(UserError, match="at least 2 calibration images"):
+        prune_model(model, torch.randn(1, *input_size(model)), None, PruneConfig(0.3, "magnitude"))
