@@ -78,6 +78,10 @@ def repo(build, tmp_path_factory) -> Path:
     publish(build, repo, python_backend=True)
     if HAS_OPENVINO:
         _publish_openvino_build(build, base, repo)
+    (repo / "broken" / "1").mkdir(parents=True)  # a hand-edited config that no longer parses
+    (repo / "broken" / "config.pbtxt").write_text(
+        'name: "broken"\nbackend: "python"\ninstance_group {'
+    )
     return repo
 
 
@@ -174,7 +178,8 @@ def test_overlay_keeps_name_versions_io_batching_and_labels(repo):
     with overlay_repository(plan) as root:
         assert root.name.startswith(f"{OVERLAY_PREFIX}{os.getpid()}-")
         assert sorted(p.name for p in root.iterdir()) == sorted(
-            ["test_vit", "test_vit_python"] + (["test_vit_openvino"] if HAS_OPENVINO else [])
+            ["broken", "test_vit", "test_vit_python"]
+            + (["test_vit_openvino"] if HAS_OPENVINO else [])
         )
         # Mirrored file by file: the python stub's __pycache__ lands in the overlay, not in R.
         python_model = root / "test_vit_python" / "1" / "model.py"
@@ -247,6 +252,11 @@ def test_serve_serves_what_build_published_over_http_and_grpc(build, repo):
         assert "  test_vit_python v1: READY — python → this server's python backend" in lines, text
         assert any(x.startswith("  test_vit_plan: NOT SERVED — tensorrt_plan → not servable here")
                    for x in lines), text  # fmt: skip
+        assert any(
+            x.startswith("  broken v-: NOT LOADED — config.pbtxt does not parse")
+            and x.endswith(f"check it with `mpdeploy package --check {repo}`")
+            for x in lines
+        ), text
         overlay = Path(re.search(r"temporary overlay (\S+) ", text)[1])
         assert overlay.name.startswith(f"{OVERLAY_PREFIX}{process.pid}-") and overlay.is_dir()
 

@@ -306,7 +306,8 @@ def _echo_states(echo, plan: ServingPlan, states: list[ModelState], *, strict: b
         route = plan.route(model.name)
         reason = f" ({model.reason})" if model.reason else ""
         how = _how(route, model, strict, plan.repo)
-        echo(f"  {model.name} v{model.version or '-'}: {model.state}{reason}{how}")
+        state = model.state or "NOT LOADED"  # e.g. a config the server could not parse
+        echo(f"  {model.name} v{model.version or '-'}: {state}{reason}{how}")
     if strict:
         return
     listed = {model.name for model in states}
