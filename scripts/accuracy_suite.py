@@ -559,19 +559,29 @@ def grid(
     recover: list[int],
     seeds: list[int],
 ) -> list[Cell]:
-    """Every cell to run, seed 0 and zero-shot first so that a partial run is already useful."""
+    """Every cell to run, the first seed first so that a partial run is already useful."""
     cells = []
     for model in models:
         for method in methods:
             ours = method in criteria() or method.startswith("nm_")
             method_targets = [NM_TARGET] if method.startswith("nm_") else targets
             for target in method_targets:
-                for comp in comps if ours else ["none"]:
+                for comp in comps if ours and _compensates(method) else ["none"]:
                     for epochs in recover:
                         random = method == "random" or epochs > 0
                         for seed in seeds if random else seeds[:1]:
                             cells.append(Cell(model, method, comp, target, epochs, seed))
-    return sorted(cells, key=lambda c: (c.recover_epochs > 0, seeds.index(c.seed)))
+    # first seed first; within it a prune's zero-shot and recovery cells stay adjacent (one prune)
+    return sorted(cells, key=lambda c: seeds.index(c.seed) > 0)
+
+
+def _compensates(method: str) -> bool:
+    """Whether the code behind `method` takes a compensation mode (N:M gets one with item 2)."""
+    from mpdeploy.prune import PruneConfig
+    from mpdeploy.prune.nm import SparsityConfig
+
+    config = SparsityConfig if method.startswith("nm_") else PruneConfig
+    return "compensate" in {f.name for f in dataclasses.fields(config)}
 
 
 def skip_reason(cell: Cell) -> str | None:

@@ -86,7 +86,9 @@ def test_grid_reads_the_criterion_registry_and_seeds_only_random_cells(suite):
     assert seeds[("magnitude", 0)] == [0] and seeds[("nm_cast", 0)] == [0]
     assert sorted(seeds[("random", 0)]) == sorted(seeds[("magnitude", 1)]) == [0, 1, 2]
     assert {c.target for c in cells if c.method == "nm_cast"} == {"2:4"}
-    assert [c.recover_epochs for c in cells] == sorted(c.recover_epochs for c in cells)
+    assert [c.seed for c in cells] == sorted((c.seed for c in cells), key=lambda s: s > 0)
+    order = [(c.method, c.recover_epochs) for c in cells if c.seed == 0]
+    assert order.index(("magnitude", 0)) + 1 == order.index(("magnitude", 1))  # one prune
 
 
 def test_unknown_method_is_one_line_and_nothing_written(suite, tmp_path, capsys):
