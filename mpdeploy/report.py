@@ -49,6 +49,27 @@ def summary_table(manifest: dict[str, Any], build_dir: Path) -> str:
                 f"{_giga(head.get('sparse_execution_macs'))}",
             )
         )
+    if head.get("tome_r"):
+        rows.append(
+            (
+                "token merging",
+                f"r={head['tome_r']} ({head.get('tome_schedule')}), "
+                f"{head.get('tome_tokens_after_last_block')} tokens after the last block, "
+                f"MACs {_giga(head.get('tome_macs'))} ({_pct(head.get('tome_mac_reduction'))} fewer)",
+            )
+        )
+    if head.get("total_mac_reduction") is not None:
+        rows.append(
+            ("sparse-execution MAC reduction", f"{_pct(head['total_mac_reduction'])} vs dense")
+        )
+    if head.get("parity_inputs_with_changed_merges"):
+        rows.append(
+            (
+                "parity merge decisions",
+                f"{head['parity_inputs_with_changed_merges']} input(s) merged other tokens in the "
+                "engine (left out of the elementwise check; see parity/report.json)",
+            )
+        )
     if "certified_fraction" in head:
         rows.append(
             (
@@ -66,7 +87,13 @@ def summary_table(manifest: dict[str, Any], build_dir: Path) -> str:
     ]
     rows += _speed_rows(head)
     if head.get("triton_model"):
-        rows.append(("Triton model", f"{head['triton_model']} v{head.get('triton_version')}"))
+        # the build's own repository; a --triton-repo publish has its own version, shown below
+        rows.append(
+            (
+                "Triton model",
+                f"model_repository/{head['triton_model']}/{head.get('triton_version')} (in the build)",
+            )
+        )
     if head.get("published"):
         rows.append(("published to", head["published"]))
     rows.append(("build directory", str(build_dir)))
