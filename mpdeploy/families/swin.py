@@ -148,11 +148,14 @@ class SwinFamily(Family):
     def extra_channel_macs(self, group: ChannelGroup, positions: dict[str, float]) -> float:
         if group.kind not in ("attn_heads", "cosine_attn_heads"):
             return 0.0
-        tokens = positions.get(f"{group.name}.qkv", 0.0)  # per image: windows × window area
+        tokens = positions.get(f"{group.name}.proj", 0.0)  # per image: windows × window area
         # QKᵀ and AV inside each window: window-area MACs per token and head channel, twice;
         # V2's position-bias MLP output row is per head: its MACs spread over the head's channels
         cpb = positions.get(f"{group.name}.cpb_mlp.2", 0.0) * group.cpb_hidden
-        return 2.0 * tokens * group.window_area + cpb / group.unit
+        # V2 with q/v biases applies qkv.weight through F.linear, outside the qkv module's hooks:
+        # its q, k and v rows are counted here instead of from the layer's measured MACs
+        qkv = 3.0 * tokens * group.qkv_unhooked_inputs
+        return 2.0 * tokens * group.window_area + cpb / group.unit + qkv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +164,7 @@ class WindowHeadGroup(ChannelGroup):
 
     window_area: int = 0  # tokens per window: each token attends to this many
     cpb_hidden: int = 0  # V2: inputs of the position-bias MLP's per-head output row
+    qkv_unhooked_inputs: int = 0  # V2: qkv in_features when the forward bypasses the module
 
 
 def _head_group(
@@ -184,4 +188,9 @@ def _head_group(
         unit_params=per_head,
         window_area=int(attn.window_size[0] * attn.window_size[1]),
         cpb_hidden=int(cpb[2].in_features) if cpb is not None else 0,
+        qkv_unhooked_inputs=(
+            attn.qkv.in_features
+            if getattr(attn, "q_bias", None) is not None and not attn.qkv_bias_separate
+            else 0
+        ),
     )
