@@ -86,9 +86,15 @@ def prune_options(fn):
         help="Kept widths are rounded to multiples of this.",
     )(fn)
     fn = click.option(
+        "--compensate",
+        default="lsq+bn",
+        show_default=True,
+        help="Closed-form re-fit after pruning: none, bias, lsq, bn, bias+bn, lsq+bn.",
+    )(fn)
+    fn = click.option(
         "--method",
-        type=click.Choice(["mp", "magnitude", "random", "taylor"]),
-        default="mp",
+        type=click.Choice(["mp", "mp_fisher", "fisher", "magnitude", "random", "taylor"]),
+        default="mp_fisher",
         show_default=True,
         help="Pruning criterion.",
     )(fn)
@@ -304,6 +310,7 @@ _stage_command(
     [
         _optional("--target-macs", type=float),
         _optional("--method"),
+        _optional("--compensate"),
         _optional("--sparsity"),
         _optional("--recover-epochs", type=int),
         _optional("--train"),

@@ -24,7 +24,7 @@ from mpdeploy.manifest import Manifest
 log = logging.getLogger(__name__)
 
 SPARSITY_PATTERNS = ("off", "2:4", "4:8", "6:12", "8:16", "12:16")
-METHODS = ("mp", "magnitude", "random", "taylor")
+METHODS = ("mp", "mp_fisher", "fisher", "magnitude", "random", "taylor")
 STAGES = (
     "resolve",
     "calibrate",
@@ -49,7 +49,8 @@ class BuildOptions:
     data_config: str | None = None  # JSON file of timm preprocessing keys overriding timm's
     target_macs: float = 0.0
     sparsity: str = "off"
-    method: str = "mp"
+    method: str = "mp_fisher"
+    compensate: str = "lsq+bn"  # mpdeploy.prune.compensate.DEFAULT_COMPENSATION
     round_to: int = 8
     backend: str = "onnxruntime"
     precision: str = "fp32"
@@ -130,6 +131,9 @@ def check_option_values(opts: BuildOptions) -> None:
     parse_sparsity(opts.sparsity)
     if opts.method not in METHODS:
         raise UserError(f"unknown --method '{opts.method}': choose one of {', '.join(METHODS)}")
+    from mpdeploy.prune.compensate import parse_compensation
+
+    parse_compensation(opts.compensate)
     if opts.max_batch < 1:
         raise UserError(f"--max-batch must be at least 1 (got {opts.max_batch})")
     if not 1 <= opts.calib_size <= CALIB_SIZE_MAX:
@@ -144,8 +148,6 @@ def check_option_values(opts: BuildOptions) -> None:
         raise UserError(f"--img-size must be in [{low}, {high}] pixels (got {opts.img_size})")
     if opts.recover_epochs < 0:
         raise UserError("--recover-epochs must be ≥ 0")
-    if opts.recover_epochs and not opts.train:
-        raise UserError("--recover-epochs needs --train DIR (a labelled image folder, or 'demo')")
     if opts.round_to < 1:
         raise UserError("--round-to must be ≥ 1")
     if opts.bench_iterations is not None and not 1 <= opts.bench_iterations <= BENCH_ITERATIONS_MAX:
@@ -371,6 +373,7 @@ def stage_prune(ctx: BuildContext) -> StageOutcome:
             method=opts.method,
             round_to=opts.round_to,
             seed=opts.seed,
+            compensate=opts.compensate,
         ),
         spec=spec,
         input_shape=ctx.input_shape,
@@ -400,7 +403,9 @@ def stage_sparsify(ctx: BuildContext) -> StageOutcome:
     result = sparsify(
         model,
         ctx.calibration().images,
-        SparsityConfig(k=pattern[0], n=pattern[1], seed=ctx.options.seed),
+        SparsityConfig(
+            k=pattern[0], n=pattern[1], seed=ctx.options.seed, compensate=ctx.options.compensate
+        ),
         input_shape=ctx.input_shape,
     )
     save_model(result.model, spec, ctx.path("pruned"))
@@ -427,10 +432,18 @@ def stage_recover(ctx: BuildContext) -> StageOutcome:
         from mpdeploy.prune.nm import load_masks
 
         masks = load_masks(ctx.build_dir)
+    train = opts.train
+    if train is None:  # label-free: distil on the calibration images themselves
+        train = ctx.calibration().images
+        log.warning(
+            "--recover-epochs without --train: distilling on the %d calibration images only "
+            "(pass --train DIR, labelled or not, for more)",
+            train.shape[0],
+        )
     result = recover(
         student,
         teacher,
-        opts.train,
+        train,
         ctx.manifest.model["data_config"],
         RecoverConfig(epochs=opts.recover_epochs, seed=opts.seed),
         sparsity=sparsity,

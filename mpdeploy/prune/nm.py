@@ -31,7 +31,7 @@ from mpdeploy.prune.layout import LayerLayout, conforms, layer_layouts
 
 log = logging.getLogger(__name__)
 
-METHODS = ("cast", "magnitude")
+METHODS = ("cast", "cast_fisher", "magnitude")
 SEQUENTIAL = ("off", "block", "layer")
 SPARSITY_JSON = "sparsity.json"
 MASKS_FILE = Path("pruned") / "masks.safetensors"
@@ -55,8 +55,14 @@ class SparsityConfig:
     # CAST only: capture C_g step by step on the network whose earlier steps are already sparse
     # ("block": one step per residual block, "layer": one per layer) instead of in one dense pass
     sequential: str = "off"  # "off" | "block" | "layer"
+    # closed-form re-fit of the kept weights after projection (prune/compensate.py): each output
+    # row's kept slots by least squares against the dense layer (`lsq`), BatchNorm re-estimated
+    compensate: str = "lsq+bn"
 
     def __post_init__(self):
+        from mpdeploy.prune.compensate import parse_compensation
+
+        parse_compensation(self.compensate)
         if not 0 < self.k < self.n <= 16:
             raise UserError(f"sparsity {self.k}:{self.n}: need 0 < k < n ≤ 16")
         if self.method not in METHODS:
@@ -154,6 +160,7 @@ def sparsify(
     timing["permutation_s"] = time.perf_counter() - start
 
     names = [lay.name for lay in layouts if lay.eligible]
+    reference = copy.deepcopy(model) if config.compensate != "none" else None  # permuted, dense
     # magnitude ignores C_g (C = I), so it never pays for the sequential passes
     steps = _steps(names, config.sequential if config.method == "cast" else "off")
     moments: dict[str, cast.GroupMoments] = {}
@@ -163,17 +170,28 @@ def sparsify(
     dense_logits = None
     for step in steps:
         start = time.perf_counter()
-        captured, logits = cast.capture_group_moments(
-            model,
-            step,
-            images,
-            config.n,
-            max_rows=config.max_rows,
-            seed=config.seed,
-            batch_size=config.batch_size,
-            seed_index={name: names.index(name) for name in step},
-            stop_early=dense_logits is not None,
-        )
+        if config.method == "cast_fisher":
+            captured, logits = cast.capture_fisher_moments(
+                model,
+                step,
+                images,
+                config.n,
+                max_rows=config.max_rows,
+                seed=config.seed,
+                batch_size=config.batch_size,
+            )
+        else:
+            captured, logits = cast.capture_group_moments(
+                model,
+                step,
+                images,
+                config.n,
+                max_rows=config.max_rows,
+                seed=config.seed,
+                batch_size=config.batch_size,
+                seed_index={name: names.index(name) for name in step},
+                stop_early=dense_logits is not None,
+            )
         dense_logits = logits if dense_logits is None else dense_logits
         moments.update(captured)
         timing["capture_s"] += time.perf_counter() - start
@@ -192,6 +210,10 @@ def sparsify(
     masks = {lay.param: masks[lay.param] for lay in layouts if lay.eligible}
 
     start = time.perf_counter()
+    compensation = _compensate(reference, model, images, masks, config)
+    timing["compensation_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
     sparse_logits = _logits(model, images, config.batch_size)
     certificate = _certificate(dense_logits, sparse_logits)
     timing["certificate_s"] = time.perf_counter() - start
@@ -207,7 +229,20 @@ def sparsify(
         calibration_images=images.shape[0],
     )
     report["timing_s"] = {key: round(value, 3) for key, value in timing.items()}
+    report["compensation"] = compensation
     return SparsifyResult(model, report, headline_of(report), masks)
+
+
+def _compensate(reference, model, images, masks, config: SparsityConfig) -> dict[str, Any]:
+    """Re-fit the kept weights of every masked layer (`prune/compensate.py`), masks kept."""
+    from mpdeploy.prune.compensate import CompensateConfig, compensate, masked_layers
+
+    if reference is None:
+        return {"method": "none", "layers": {}}
+    cfg = CompensateConfig(config.compensate, batch_size=config.batch_size, seed=config.seed)
+    record = compensate(reference, model, images, masked_layers(masks), cfg)
+    apply_masks(model, masks)  # the fit keeps them; re-applied against rounding in the copy
+    return record
 
 
 def _project(
