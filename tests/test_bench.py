@@ -450,3 +450,36 @@ def test_bench_cpu_arguments():
     assert args.batches == [1, 8] and args.target_macs == 0.5 and args.weights == "none"
     with pytest.raises(SystemExit):
         bench_cpu.parse_args(["--batches", "0"])
+
+
+def test_gpu_check_script_is_valid_and_its_benchmark_arguments_parse():
+    import re
+    import subprocess
+
+    script = ROOT / "scripts" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    line = re.search(r'"\$PY" scripts/bench_gpu\.py (.*?)--out', text, re.S).group(1)
+    args = _script("bench_gpu").parse_args(line.replace("\\\n", " ").split())
+    assert args.models == ["vit_b16", "resnet50"] and args.batches == [64, 256]
+    assert args.weights == "none" and args.dtype == "bf16"
+    assert '-m "gpu or tensorrt"' in text and "gpu_check.json" in text
+
+
+def test_summary_shows_each_speedup_with_its_interval():
+    from mpdeploy.report import _speed_rows
+
+    rows = dict(
+        _speed_rows(
+            {
+                "bench_comparison": "dense vs pruned",
+                "speedup_median": 1.9,
+                "speedup_best": 2.0,
+                "speedup_best_batch": 8,
+                "mac_ratio": 2.0,
+                "speedup_by_batch": {"1": 1.8, "8": 2.0},
+                "speedup_ci95_by_batch": {"1": [1.75, 1.86], "8": [1.95, 2.04]},
+            }
+        )
+    )
+    assert rows["speedup, 95 % CI"] == "batch 1: 1.80× [1.75, 1.86], batch 8: 2.00× [1.95, 2.04]"
