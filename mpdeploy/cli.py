@@ -156,6 +156,30 @@ def sparsity_option(fn):
     )(fn)
 
 
+def tome_options(fn):
+    fn = click.option(
+        "--tome-proportional",
+        type=click.Choice(["on", "off"]),
+        default="on",
+        show_default=True,
+        help="Proportional attention: add log(token size) to the attention logits.",
+    )(fn)
+    fn = click.option(
+        "--tome-schedule",
+        default="constant",
+        show_default=True,
+        help="Merges per block: constant (r in every block) or decreasing (2r falling to 0).",
+    )(fn)
+    fn = click.option(
+        "--tome",
+        type=int,
+        default=0,
+        show_default=True,
+        help="Token merging (ViTs): merge r tokens in every block, after attention (0 = off).",
+    )(fn)
+    return fn
+
+
 def recover_options(fn):
     fn = click.option(
         "--train", default=None, help="Labelled image folder (or 'demo') for recovery distillation."
@@ -195,6 +219,7 @@ def cli(verbose: bool):
 @model_options
 @prune_options
 @sparsity_option
+@tome_options
 @engine_options
 @calib_options
 @recover_options
@@ -227,13 +252,17 @@ def cli(verbose: bool):
 @click.option("--seed", type=int, default=0, show_default=True)
 @force_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def build(quiet: bool, bench_batches, **kwargs):
+def build(quiet: bool, bench_batches, tome_proportional: str, **kwargs):
     """Build a deployable, parity-checked artifact (the bundled demo model by default)."""
     from mpdeploy.pipeline import BuildOptions
     from mpdeploy.pipeline import build as run_build
     from mpdeploy.report import summary_table
 
-    opts = BuildOptions(bench_batches=tuple(bench_batches) or None, **kwargs)
+    opts = BuildOptions(
+        bench_batches=tuple(bench_batches) or None,
+        tome_proportional=tome_proportional == "on",
+        **kwargs,
+    )
     result = run_build(opts, progress=not quiet)
     click.echo(summary_table(result.manifest, result.build_dir))
 

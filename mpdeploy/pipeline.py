@@ -24,6 +24,7 @@ from mpdeploy.manifest import Manifest
 log = logging.getLogger(__name__)
 
 SPARSITY_PATTERNS = ("off", "2:4", "4:8", "6:12", "8:16", "12:16")
+TOME_SCHEDULES = ("constant", "decreasing")  # mpdeploy.families.tome.SCHEDULES (no timm import)
 METHODS = ("mp", "mp_fisher", "fisher", "magnitude", "random", "taylor")
 STAGES = (
     "resolve",
@@ -69,6 +70,9 @@ class BuildOptions:
     triton_repo: str | None = None
     model_name: str | None = None  # Triton model name
     spectrum_layer: str | None = None  # layer drawn in spectrum.png (default: the most spiked)
+    tome: int = 0  # token merging (ViTs): tokens merged per block; 0 = off
+    tome_schedule: str = "constant"  # constant | decreasing
+    tome_proportional: bool = True  # add log(token size) to the attention logits
     force: bool = False
     seed: int = 0
 
@@ -120,6 +124,7 @@ def validate_options(opts: BuildOptions) -> None:
         raise UserError(f"--bench-budget must be > 0 seconds (got {opts.bench_budget})")
     # A precision, device or provider the backend lacks here fails now, before any work.
     get_backend(opts.backend, require_available=False).check(engine_options(opts))
+    check_tome_fits(opts)
 
 
 def check_option_values(opts: BuildOptions) -> None:
@@ -129,6 +134,7 @@ def check_option_values(opts: BuildOptions) -> None:
     if not 0.0 <= opts.target_macs <= 0.95:
         raise UserError(f"--target-macs must be in [0, 0.95] (got {opts.target_macs})")
     parse_sparsity(opts.sparsity)
+    tome_settings(opts)
     if opts.method not in METHODS:
         raise UserError(f"unknown --method '{opts.method}': choose one of {', '.join(METHODS)}")
     from mpdeploy.prune.compensate import parse_compensation
@@ -197,6 +203,47 @@ def parse_sparsity(pattern: str | None) -> tuple[int, int] | None:
     return k, n
 
 
+def tome_settings(opts: BuildOptions) -> Any:
+    """The ToMeSettings that `--tome`, `--tome-schedule`, `--tome-proportional` ask for, or None."""
+    if isinstance(opts.tome, bool) or not isinstance(opts.tome, int) or opts.tome < 0:
+        raise UserError(f"--tome must be a whole number of tokens ≥ 0 (got {opts.tome})")
+    if opts.tome_schedule not in TOME_SCHEDULES:
+        raise UserError(
+            f"unknown --tome-schedule '{opts.tome_schedule}': choose one of "
+            + ", ".join(TOME_SCHEDULES)
+        )
+    if opts.tome == 0:
+        return None
+    from mpdeploy.families.tome import ToMeSettings
+
+    return ToMeSettings(opts.tome, opts.tome_schedule, bool(opts.tome_proportional))
+
+
+def check_tome_fits(opts: BuildOptions) -> None:
+    """`--tome` on a model that is not a ViT, or an r that leaves no patch token: fail now.
+
+    The architecture is instantiated on the meta device (shapes only, no weights, no memory).
+    """
+    settings = tome_settings(opts)
+    if settings is None:
+        return
+    import torch
+
+    from mpdeploy.families.tome import describe
+    from mpdeploy.models import resolve_model_name
+
+    architecture = resolve_model_name(opts.model).split(".", 1)[0]
+    import timm  # only after mpdeploy.models: its torchvision shim must run first
+
+    sizes = {"num_classes": opts.num_classes, "img_size": opts.img_size}
+    with torch.device("meta"):
+        try:
+            model = timm.create_model(architecture, **{k: v for k, v in sizes.items() if v})
+        except TypeError:  # a CNN takes no img_size; it is refused as "not a ViT" below
+            model = timm.create_model(architecture)
+    describe(model, settings)
+
+
 def default_out_dir(opts: BuildOptions) -> Path:
     from mpdeploy.models import short_name
 
@@ -205,6 +252,8 @@ def default_out_dir(opts: BuildOptions) -> Path:
         parts.append(f"{opts.method}{round(opts.target_macs * 100)}")
     if opts.sparsity != "off":
         parts.append(opts.sparsity.replace(":", "of"))
+    if opts.tome:
+        parts.append(f"tome{opts.tome}")
     parts.append("dense" if not parts else "")
     device = [opts.ort_provider or opts.device] if opts.device != "cpu" else []
     parts = [p for p in parts if p] + [opts.backend, *device, opts.precision]
@@ -348,17 +397,31 @@ def stage_prune(ctx: BuildContext) -> StageOutcome:
 
     opts = ctx.options
     model, spec = ctx.dense()
+    dense_macs = ctx.cache.get("dense_macs") or ctx.manifest.payload["headline"]["dense_macs"]
+    # Token merging goes in first: pruning scores and cuts the graph that will be deployed.
+    model, spec, tome = with_token_merging(model, spec, opts, ctx.input_shape, dense_macs)
     if opts.target_macs <= 0:
         import copy
 
         pruned, pruned_spec = copy.deepcopy(model), spec
         save_model(pruned, pruned_spec, ctx.path("pruned"))
         ctx.cache["pruned"] = (pruned, pruned_spec)
-        dense_macs = ctx.cache.get("dense_macs") or ctx.manifest.payload["headline"]["dense_macs"]
+        outputs = [ctx.path("pruned", "model.json"), ctx.path("pruned", "model.safetensors")]
+        if tome is None:
+            return StageOutcome(
+                outputs=outputs,
+                headline={"pruned_macs": dense_macs, "mac_reduction": 0.0},
+                status="skipped (target 0: the dense model is deployed as it is)",
+            )
+        write_json(ctx.path("plan.json"), {"target_macs": 0.0, "tome": tome})
         return StageOutcome(
-            outputs=[ctx.path("pruned", "model.json"), ctx.path("pruned", "model.safetensors")],
-            headline={"pruned_macs": dense_macs, "mac_reduction": 0.0},
-            status="skipped (target 0: the dense model is deployed as it is)",
+            outputs=[ctx.path("plan.json"), *outputs],
+            headline={
+                "pruned_macs": tome["macs"],
+                "mac_reduction": tome["mac_reduction"],
+                **tome_headline(tome),
+            },
+            status="done",
         )
     from mpdeploy.prune import PruneConfig, prune_model
     from mpdeploy.spectrum import load_spectrum
@@ -378,6 +441,12 @@ def stage_prune(ctx: BuildContext) -> StageOutcome:
         spec=spec,
         input_shape=ctx.input_shape,
     )
+    headline = dict(result.headline)
+    if tome is not None:  # the planner's figures are relative to the merging model; ours to dense
+        result.plan["tome"] = tome
+        headline["dense_macs"] = dense_macs
+        headline["mac_reduction"] = 1.0 - headline["pruned_macs"] / dense_macs
+        headline.update(tome_headline(tome))
     save_model(result.model, result.spec, ctx.path("pruned"))
     write_json(ctx.path("plan.json"), result.plan)
     ctx.cache["pruned"] = (result.model, result.spec)
@@ -388,8 +457,40 @@ def stage_prune(ctx: BuildContext) -> StageOutcome:
             ctx.path("pruned", "model.safetensors"),
         ],
         inputs=[ctx.path("dense", "model.safetensors"), ctx.path("spectrum.json")],
-        headline=result.headline,
+        headline=headline,
     )
+
+
+def with_token_merging(model, spec, opts: BuildOptions, input_shape, dense_macs: int):
+    """(model, spec, record) with `--tome` applied to a copy; the inputs and None when it is off.
+
+    The record (plan.json's "tome") holds the settings, the token counts per block and the MACs
+    of the merging model, counted on a real forward, against the dense model's.
+    """
+    settings = tome_settings(opts)
+    if settings is None:
+        return model, spec, None
+    import copy
+
+    from mpdeploy.families.tome import apply_tome
+    from mpdeploy.prune.macs import count_macs
+
+    model = copy.deepcopy(model)
+    record = apply_tome(model, settings).to_dict()
+    macs = count_macs(model, (1, *input_shape)).total_macs
+    record.update(macs=macs, dense_macs=dense_macs, mac_reduction=1.0 - macs / dense_macs)
+    return model, spec.with_tome(settings), record
+
+
+def tome_headline(tome: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "tome_r": tome["r"],
+        "tome_schedule": tome["schedule"],
+        "tome_proportional": tome["proportional"],
+        "tome_tokens_after_last_block": tome["tokens_after_last_block"],
+        "tome_macs": tome["macs"],
+        "tome_mac_reduction": tome["mac_reduction"],
+    }
 
 
 def stage_sparsify(ctx: BuildContext) -> StageOutcome:
@@ -407,7 +508,10 @@ def stage_sparsify(ctx: BuildContext) -> StageOutcome:
             k=pattern[0], n=pattern[1], seed=ctx.options.seed, compensate=ctx.options.compensate
         ),
         input_shape=ctx.input_shape,
+        reference_macs=ctx.manifest.payload["headline"]["dense_macs"] if spec.tome else None,
     )
+    if spec.tome and not spec.widths:  # the brief's model knows no pruned widths
+        result.report["token_merging"] = brief_accounting(ctx.dense()[0], spec.tome, pattern)
     save_model(result.model, spec, ctx.path("pruned"))
     result.save(ctx.build_dir)
     ctx.cache["pruned"] = (result.model, spec)
@@ -415,6 +519,34 @@ def stage_sparsify(ctx: BuildContext) -> StageOutcome:
         outputs=[ctx.path("sparsity.json"), ctx.path("pruned", "model.safetensors")],
         headline=result.headline,
     )
+
+
+def brief_accounting(dense, tome: dict[str, Any], pattern: tuple[int, int]) -> dict[str, Any]:
+    """The brief's §6 analytic figure beside the measured one: it counts each whole block at the
+    tokens entering it, while the real graph merges after attention, so its MLP runs on fewer."""
+    from mpdeploy.families.tome import ToMeSettings, describe
+    from mpdeploy.prune.macs import mac_reduction, vit_tome_macs
+
+    record = describe(dense, ToMeSettings.from_dict(tome))
+    shape = dict(
+        depth=len(dense.blocks),
+        dim=dense.embed_dim,
+        tokens=record.patch_tokens + record.prefix_tokens,
+        mlp_ratio=dense.blocks[0].mlp.fc1.out_features / dense.embed_dim,
+        prefix_tokens=record.prefix_tokens,
+        patch_size=dense.patch_embed.patch_size[0],
+        num_classes=dense.num_classes,
+    )
+    base = vit_tome_macs(**shape)
+    merged = vit_tome_macs(
+        **shape, merges=record.merges_per_block, keep_fraction=pattern[0] / pattern[1]
+    )
+    return {
+        **record.to_dict(),
+        "brief_model": "§6: whole block l at N_l tokens, block Linears k/n, attention dense",
+        "brief_model_mac_reduction": mac_reduction(base.total, merged.total),
+        "measured_graph": "merging after attention: block l's MLP runs on N_l − r_l tokens",
+    }
 
 
 def stage_recover(ctx: BuildContext) -> StageOutcome:
@@ -523,7 +655,7 @@ def stage_verify(ctx: BuildContext) -> StageOutcome:
 
     record = ctx.cache.get("engine") or read_engine_record(ctx.build_dir)
     backend = get_backend(record.backend)
-    model, _ = ctx.pruned()
+    model, spec = ctx.pruned()
     report = verify_engine(
         model,
         backend.runner(record, ctx.build_dir),
@@ -537,6 +669,7 @@ def stage_verify(ctx: BuildContext) -> StageOutcome:
         recheck_command=backend.recheck_command(
             record, backend.parity_tolerances(record.precision)
         ),
+        merge_flips=merge_flips_check(model, ctx.path(record.artifact)) if spec.tome else None,
     )
     headline = {
         "parity": report.verdict,
@@ -544,6 +677,10 @@ def stage_verify(ctx: BuildContext) -> StageOutcome:
         "parity_top1_agreement": report.top1_agreement,
         "parity_certified_fraction": report.certificate["certified_fraction"],
     }
+    if report.merge_decisions:
+        headline["parity_inputs_with_changed_merges"] = report.merge_decisions[
+            "inputs_with_changed_merges"
+        ]
     ctx.cache["failed_headline"] = headline
     outputs = [
         ctx.path("parity", n)
@@ -551,6 +688,39 @@ def stage_verify(ctx: BuildContext) -> StageOutcome:
     ]
     require_pass(report)
     return StageOutcome(outputs=outputs, headline=headline, inputs=[ctx.path(record.artifact)])
+
+
+def merge_flips_check(model, artifact: Path):
+    """For a token-merging model: per parity input, did the engine merge other tokens than torch?
+
+    The engine's choices are read from a verification-only copy of the ONNX artifact whose
+    decision tensors are outputs, run by ONNX Runtime on the CPU; a TensorRT plan has no such
+    copy, so its parity stays the plain elementwise check.
+    """
+    if artifact.suffix != ".onnx":
+        return None
+    import numpy as np
+    import torch
+
+    from mpdeploy.export.onnx import INPUT_NAME
+    from mpdeploy.families.tome import (
+        decision_flips,
+        onnx_merge_decisions,
+        tome_record,
+        torch_merge_decisions,
+    )
+
+    merges = tome_record(model).merges_per_block
+
+    def flips(feeds):
+        images = torch.from_numpy(np.concatenate([feed[INPUT_NAME] for feed in feeds]))
+        batch = feeds[0][INPUT_NAME].shape[0]
+        return decision_flips(
+            torch_merge_decisions(model, images, batch),
+            onnx_merge_decisions(artifact, feeds, merges),
+        )
+
+    return flips
 
 
 def stage_bench(ctx: BuildContext) -> StageOutcome:

@@ -62,18 +62,102 @@ def convert_model_fp16(model, fp32_ops: tuple[str, ...] = FP32_OPS):
     """The in-memory conversion: ModelProto → ModelProto (fp32 io, `fp32_ops` kept in fp32)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    decisions = decision_nodes(model.graph)
     converted = convert_float_to_float16(
         model,
         keep_io_types=True,
         op_block_list=list(fp32_ops),
+        node_block_list=decisions,
         # Weights are clamped to the finite fp16 range and tiny ones to the smallest subnormal.
         min_positive_val=5.96e-08,
         max_finite_val=65504.0,
     )
+    _skip_round_trips(converted.graph, set(decisions))
     # The converter appends its boundary casts after the nodes that read them; ONNX (and the
     # TensorRT parser) require topological order.
     _toposort(converted.graph)
     return converted
+
+
+def _skip_round_trips(graph, producers: set[str]) -> None:
+    """Between two fp32 nodes of `producers` the converter still casts to fp16 and back; read the
+    fp32 tensor directly instead, so the decision subgraph is fp32 end to end."""
+    from onnx import TensorProto
+
+    made_by = {out: node for node in graph.node for out in node.output}
+    graph_outputs = {out.name for out in graph.output}
+
+    def cast_to(node, elem: int) -> bool:
+        return node.op_type == "Cast" and any(
+            a.name == "to" and a.i == elem for a in node.attribute
+        )
+
+    drop = set()
+    for up in graph.node:
+        down = made_by.get(up.input[0]) if up.input else None
+        if (
+            not cast_to(up, TensorProto.FLOAT)
+            or down is None
+            or not cast_to(down, TensorProto.FLOAT16)
+        ):
+            continue
+        origin = made_by.get(down.input[0])
+        if origin is None or origin.name not in producers or up.output[0] in graph_outputs:
+            continue
+        for node in graph.node:
+            node.input[:] = [down.input[0] if i == up.output[0] else i for i in node.input]
+        drop.add(id(up))
+    kept = [node for node in graph.node if id(node) not in drop]
+    read = {i for node in kept for i in node.input} | graph_outputs
+    kept = [n for n in kept if not (cast_to(n, TensorProto.FLOAT16) and n.output[0] not in read)]
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+# Ops whose outputs are discrete choices (token merging's matching: which token joins which).
+DECISION_OPS = ("ArgMax", "ArgMin", "TopK")
+
+
+def decision_nodes(graph) -> list[str]:
+    """Names of the nodes that only feed discrete choices, the choices included (named if unnamed).
+
+    Walking back from every ArgMax/ArgMin/TopK, a producer joins while all its outputs are read by
+    nodes already in the set (Shape reads only the shape): for token merging that is the keys'
+    mean over heads, their normalisation and the similarity product, not the attention. They run
+    in fp32, so fp16 rounding of the similarities cannot flip a merge on its own.
+    """
+    for index, node in enumerate(graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{index}"
+    chosen = {node.name for node in graph.node if node.op_type in DECISION_OPS}
+    if not chosen:
+        return []
+    readers: dict[str, list] = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    graph_outputs = {out.name for out in graph.output}
+
+    def feeds_only_choices(node) -> bool:
+        return all(
+            out not in graph_outputs
+            and all(r.name in chosen or r.op_type == "Shape" for r in readers[out])
+            for out in node.output
+        )
+
+    grown = True
+    while grown:
+        grown = False
+        for node in graph.node:
+            if (
+                node.name not in chosen
+                and node.op_type != "Constant"
+                and any(readers[out] for out in node.output)
+                and feeds_only_choices(node)
+            ):
+                chosen.add(node.name)
+                grown = True
+    return sorted(chosen)
 
 
 def precision_summary(model) -> dict[str, dict[str, int]]:

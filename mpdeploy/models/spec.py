@@ -26,6 +26,8 @@ class ModelSpec:
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     widths: dict[str, int] | None = None  # per-layer kept widths set by structured pruning
     class_names: list[str] | None = None
+    # token merging (ViTs): ToMeSettings.to_dict(); absent in specs written before it existed
+    tome: dict[str, Any] | None = None
 
     @property
     def architecture(self) -> str:
@@ -45,6 +47,10 @@ class ModelSpec:
     def with_widths(self, widths: dict[str, int] | None) -> ModelSpec:
         return dataclasses.replace(self, widths=dict(widths) if widths else None)
 
+    def with_tome(self, settings: Any) -> ModelSpec:
+        """This spec with token merging `settings` (a ToMeSettings, or None for none)."""
+        return dataclasses.replace(self, tome=settings.to_dict() if settings else None)
+
 
 def build_model(spec: ModelSpec) -> torch.nn.Module:
     """Instantiate the architecture of `spec` (random weights) at its pruned widths."""
@@ -59,6 +65,10 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
         from mpdeploy.families.surgery import resize_to_widths
 
         resize_to_widths(model, spec.widths)
+    if spec.tome:
+        from mpdeploy.families.tome import ToMeSettings, apply_tome
+
+        apply_tome(model, ToMeSettings.from_dict(spec.tome))
     return model.eval()
 
 

@@ -133,6 +133,7 @@ class ViTMacs:
     patch_embed: float
     head: float
     tokens_per_block: tuple[int, ...]
+    matching: float = 0.0  # token merging's similarity and merge products (merge_after_attention)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,20 +151,42 @@ def vit_tome_macs(
     patch_size: int = 16,
     num_classes: int = 1000,
     keep_fraction: float = 1.0,
+    merges: Sequence[int] | None = None,
+    merge_after_attention: bool = False,
+    head_dim: int = 64,
 ) -> ViTMacs:
     """The brief's §6 token-count model of a ViT with ToMe merging r tokens per block.
 
     Block l runs on N_l = tokens − r·l tokens for the whole block (Linears (4 + 2·mlp_ratio)·N·d²,
     i.e. 12·N·d² at ratio 4; QKᵀ and AV 2·N²·d). Patch embedding and head stay dense.
+
+    `merges` gives r_l per block (default r everywhere). With `merge_after_attention` the count
+    is that of the graph `mpdeploy.families.tome` runs, where block l merges between attention and
+    MLP: qkv, proj and attention on N_l tokens, the MLP on N_l − r_l, plus the matching product
+    |A|·|B|·head_dim and the one-hot merge products r_l·|B|·(dim + 1), |A| and |B| being the
+    alternate halves of the N_l − prefix patch tokens. (The brief's 59.81 % uses the first model.)
     """
-    counts = tuple(tokens - r * layer for layer in range(depth))
-    if min(counts) <= prefix_tokens:
+    merges = list(merges) if merges is not None else [r] * depth
+    if len(merges) != depth or min(merges, default=0) < 0:
+        raise UserError(f"need {depth} non-negative per-block merge counts (got {merges})")
+    counts = tuple(tokens - sum(merges[:layer]) for layer in range(depth))
+    if min(counts) - (merges[-1] if merge_after_attention else 0) <= prefix_tokens:
         raise UserError(
             f"ToMe r={r} leaves no patch tokens after {depth} blocks of {tokens} tokens"
         )
-    block_linear = sum((4.0 + 2.0 * mlp_ratio) * n * dim * dim for n in counts)
-    attention = sum(2.0 * n * n * dim for n in counts)
+    attn_linear, mlp_linear = 4.0 * dim * dim, 2.0 * mlp_ratio * dim * dim
+    block_linear = attention = matching = 0.0
+    for n, merged in zip(counts, merges, strict=True):
+        after = n - merged if merge_after_attention else n
+        block_linear += attn_linear * n + mlp_linear * after
+        attention += 2.0 * n * n * dim
+        if merge_after_attention and merged:
+            patches = n - prefix_tokens
+            set_a, set_b = (patches + 1) // 2, patches // 2
+            matching += set_a * set_b * head_dim + merged * set_b * (dim + 1)
     patch_embed = float(dim * (tokens - prefix_tokens) * in_chans * patch_size * patch_size)
     head = float(dim * num_classes)
-    total = keep_fraction * block_linear + attention + patch_embed + head
-    return ViTMacs(total, keep_fraction * block_linear, attention, patch_embed, head, counts)
+    total = keep_fraction * block_linear + attention + matching + patch_embed + head
+    return ViTMacs(
+        total, keep_fraction * block_linear, attention, patch_embed, head, counts, matching
+    )

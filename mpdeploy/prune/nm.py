@@ -144,8 +144,12 @@ def sparsify(
     config: SparsityConfig,
     *,
     input_shape: tuple[int, ...],
+    reference_macs: int | None = None,
 ) -> SparsifyResult:
-    """k:n-sparsify a copy of `model`; the report holds per-layer eligibility, sparsity and MACs."""
+    """k:n-sparsify a copy of `model`; the report holds per-layer eligibility, sparsity and MACs.
+
+    `reference_macs` (the dense model's, when `model` merges tokens) adds the combined reduction.
+    """
     model = copy.deepcopy(model).eval()
     images = calib_images.float()
     timing: dict[str, float] = {}
@@ -227,6 +231,7 @@ def sparsify(
         config,
         input_shape=input_shape,
         calibration_images=images.shape[0],
+        reference_macs=reference_macs,
     )
     report["timing_s"] = {key: round(value, 3) for key, value in timing.items()}
     report["compensation"] = compensation
@@ -352,6 +357,7 @@ def build_report(
     *,
     input_shape: tuple[int, ...],
     calibration_images: int,
+    reference_macs: int | None = None,
 ) -> dict[str, Any]:
     """sparsity.json: per layer pattern, eligibility, achieved sparsity, MACs; totals (brief §6)."""
     from mpdeploy.prune.macs import count_macs, mac_reduction, sparse_execution_macs
@@ -386,6 +392,12 @@ def build_report(
     reduction = mac_reduction(macs.total_macs, sparse_macs)
     eligible_params = [model.get_parameter(r["param"]).detach() for r in layers if r["eligible"]]
     zeros = sum(int((w == 0).sum()) for w in eligible_params)
+    combined = {}
+    if reference_macs:  # e.g. 2:4 + ToMe against the dense ViT: the paper's "MAC red."
+        combined = {
+            "reference_macs": reference_macs,
+            "total_mac_reduction": mac_reduction(reference_macs, sparse_macs),
+        }
     return {
         "pattern": config.pattern,
         "k": config.k,
@@ -414,6 +426,7 @@ def build_report(
             "sparse_mac_reduction": reduction,
             "theoretical_speedup": speedup_of(reduction),
             "permuted_groups": sum(p.permuted for p in permutations),
+            **combined,
         },
         "certificate": certificate,
         "polygraphy": None,
@@ -431,6 +444,7 @@ def headline_of(report: dict[str, Any]) -> dict[str, Any]:
         "sparse_execution_macs": totals["sparse_execution_macs"],
         "sparse_mac_reduction": totals["sparse_mac_reduction"],
         "theoretical_speedup": totals["theoretical_speedup"],
+        **{k: totals[k] for k in ("reference_macs", "total_mac_reduction") if k in totals},
         "sparsity_logit_perturbation_max": cert["max_logit_perturbation"],
         "sparsity_certified_fraction": cert["certified_fraction"],
         "sparsity_top1_agreement": cert["top1_agreement"],

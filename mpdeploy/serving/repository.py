@@ -462,12 +462,15 @@ def _write_provenance(
             "inputs": [s.to_json() for s in build.signature.inputs],
             "outputs": [s.to_json() for s in build.signature.outputs],
             "profile_max": build.profile_max,
+            # what the model computes beyond its weights (token merging changes token counts)
+            "token_merging": _token_merging(build),
             "build_dir": str(build.path.resolve()),
             "published_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         },
     )
     copies = {
         "manifest.json": build.path / "manifest.json",
+        "model.json": build.path / "pruned" / "model.json",
         "engine.json": build.path / "engine" / "engine.json",
         "parity_report.json": build.path / "parity" / "report.json",
         "bench.json": build.path / "bench.json",
@@ -475,6 +478,14 @@ def _write_provenance(
     for target, source in copies.items():
         if source.is_file():
             shutil.copyfile(source, sidecar / target)
+
+
+def _token_merging(build: _Build) -> dict | None:
+    """The ToMe settings the served model was built with (pruned/model.json), or None."""
+    try:
+        return read_json(build.path / "pruned" / "model.json").get("tome")
+    except (OSError, ValueError):
+        return None
 
 
 def read_artifact_record(version_dir: Path) -> dict | None:
