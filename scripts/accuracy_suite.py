@@ -420,9 +420,11 @@ def _tp_prune_at(
     )
     pruner.step()
     model.zero_grad(set_to_none=True)
-    for m in attentions:
+    for m in attentions:  # timm reads these at forward; the dense 1/√d scale stays (unfused path)
         m.num_heads = pruner.num_heads[m.qkv]
         m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+        m.attn_dim = m.num_heads * m.head_dim
+        m.fused_attn = False
     return model.eval()
 
 
