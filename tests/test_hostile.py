@@ -65,7 +65,7 @@ CASES = [
     ("hub-offline", [*BN[:3], "--weights", "hub"], USAGE, "cannot load pretrained weights"),
     ("calib-missing", [*BN, "--calib", "nowhere"], USAGE, "calibration folder not found"),
     ("calib-no-images", [*B, "--calib", "emptycalib"], USAGE, "no readable images"),
-    ("recover-no-train", [*BN, "--recover-epochs", "1"], USAGE, "needs --train"),
+    ("compensate-unknown", [*BN, "--compensate", "ols"], USAGE, "unknown --compensate"),
     (
         "train-missing",
         [*BN, "--recover-epochs", "1", "--train", "nowhere"],

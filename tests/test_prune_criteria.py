@@ -128,3 +128,25 @@ def test_mp_absolute_is_kept_for_the_comparison_but_is_not_a_cli_choice():
         if param.name == "method" and isinstance(param.type, click.Choice)
     ]
     assert choices and all("mp" in c and "mp_absolute" not in c for c in choices)
+
+
+def test_fisher_scores_a_constant_unit_zero_after_bias_compensation():
+    """mp_fisher scores the KL change of replacing a unit by its calibration mean: a neuron whose
+    activation is constant loses nothing (bias compensation restores it exactly)."""
+    from mpdeploy.prune.criteria import FisherCriterion, MPFisherCriterion
+
+    model = make_model("test_vit", {})
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight[5] = 0.0
+        model.blocks[0].mlp.fc1.bias[5] = 1.0
+    calib = torch.randn(6, *input_size(model))
+    groups = get_family(model).channel_groups(model)
+    ctx = ScoringContext(calib, {"blocks.0.mlp.fc2": 2.0}, batch_size=4)
+    plain = FisherCriterion().unit_scores(model, groups, ctx)
+    scores = MPFisherCriterion().unit_scores(model, groups, ctx)
+    mlp = scores["blocks.0.mlp"]
+    assert mlp[5] <= 1e-8 * mlp.max() < np.delete(mlp, 5).min()  # float32 rounding only
+    np.testing.assert_allclose(mlp, plain["blocks.0.mlp"] / 2.0, rtol=1e-12)  # budget weight
+    again = MPFisherCriterion().unit_scores(model, groups, ctx)
+    assert all(np.array_equal(again[g], scores[g]) for g in scores)  # seeded label samples
+    assert all(p.grad is None for p in model.parameters())

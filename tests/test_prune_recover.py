@@ -12,7 +12,7 @@ from test_prune_fixtures import make_model
 from mpdeploy.data.digits import write_image_folder
 from mpdeploy.errors import UserError
 from mpdeploy.models import data_config_for
-from mpdeploy.prune.recover import RecoverConfig, kd_loss, param_groups, recover
+from mpdeploy.prune.recover import UNLABELLED, RecoverConfig, kd_loss, param_groups, recover
 
 QUICK = dict(epochs=1, max_steps=2, batch_size=8, eval_images=16, progress=False)
 
@@ -79,7 +79,7 @@ def test_recover_input_errors(demo_pair, tmp_path):
     with pytest.raises(UserError, match="not a folder"):
         recover(student, teacher, tmp_path / "missing", data_config, RecoverConfig(**QUICK))
     (tmp_path / "empty" / "a").mkdir(parents=True)
-    with pytest.raises(UserError, match="no labelled images"):
+    with pytest.raises(UserError, match="no images in"):
         recover(student, teacher, tmp_path / "empty", data_config, RecoverConfig(**QUICK))
     with pytest.raises(UserError, match="not a parameter"):
         recover(
@@ -90,3 +90,31 @@ def test_recover_input_errors(demo_pair, tmp_path):
             RecoverConfig(**QUICK),
             masks={"nope.weight": torch.ones(1, dtype=torch.bool)},
         )
+
+
+def test_recover_without_labels_distils_kl_only(demo_pair, tmp_path):
+    student, teacher, data_config = demo_pair
+    labels = torch.tensor([UNLABELLED, UNLABELLED])
+    s_logits, t_logits = torch.randn(2, 10), torch.randn(2, 10)
+    kl = F.kl_div(
+        F.log_softmax(s_logits / 2, 1),
+        F.log_softmax(t_logits / 2, 1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    assert float(kd_loss(s_logits, t_logits, labels, RecoverConfig())) == pytest.approx(
+        4 * float(kl)
+    )
+    folder = write_image_folder("test", tmp_path / "digits")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, path in enumerate(sorted(folder.rglob("*.png"))[:40]):
+        path.rename(flat / f"img{i}.png")  # images with no class folders: unlabelled
+    result = recover(student, teacher, flat, data_config, RecoverConfig(**QUICK))
+    assert result.record["data"] == "unlabelled image folder (no labels)"
+    assert result.record["train_images"] == 40 and "no labels" in result.record["loss"]
+    assert result.record["top1_subset"]["against"].startswith("the dense model")
+    calib = torch.randn(12, 3, 32, 32)
+    result = recover(student, teacher, calib, data_config, RecoverConfig(**QUICK))
+    assert result.record["data"] == "calibration images (12, no labels)"
+    assert result.record["top1_subset"]["images"] == 12

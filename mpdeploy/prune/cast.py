@@ -5,6 +5,12 @@ C_g = E[h_g h_gᵀ] is the within-group second moment of the layer's input on th
 (token rows for a Linear; im2col patch rows per kernel pixel for a Conv2d). Writing A = (w wᵀ) ⊙ C_g,
 the cost is vec(A) · vec(d dᵀ), so all (row, group) cells × all patterns are one matrix product.
 Magnitude k:n is the same search with C_g = I (keep the k largest |w|).
+
+`cast_fisher` weights every calibration row by what of it reaches the logits: row t's weight is
+‖∂CE(z, y)/∂o_t‖², the squared gradient at the layer's output row o_t for a label y sampled from
+the model's own softmax (so E_y of it is the Gauss–Newton weight of KL(p_dense ‖ p) on that row),
+and C_g = Σ_t w_t h_t h_tᵀ / Σ_t w_t. A ViT patch token the class token never attends to, or a
+conv position the pooled features barely see, then counts for little.
 """
 
 from __future__ import annotations
@@ -94,7 +100,7 @@ class GroupMoments:
     """Sum of h_g h_gᵀ over sampled rows, per kernel pixel and group: (pixels, G, n, n) float64."""
 
     total: torch.Tensor
-    rows: int = 0
+    rows: float = 0  # rows summed (or, for Fisher-weighted moments, the sum of row weights)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -165,6 +171,89 @@ def capture_group_moments(
         for handle in handles:
             handle.remove()
     return moments, None
+
+
+def capture_fisher_moments(
+    model: nn.Module,
+    layer_names: Iterable[str],
+    images: torch.Tensor,
+    n: int,
+    *,
+    max_rows: int = 4096,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> tuple[dict[str, GroupMoments], torch.Tensor]:
+    """As `capture_group_moments`, each row weighted by its output-gradient energy (see module doc).
+
+    GroupMoments.rows holds Σ w (so `.mean` is the weighted mean). One forward + backward per batch;
+    the images require grad so that no parameter gradient is accumulated.
+    """
+    names = list(layer_names)
+    quotas = {name: _RowQuota(images.shape[0], max_rows, seed + i) for i, name in enumerate(names)}
+    moments: dict[str, GroupMoments] = {}
+    weight_sums: dict[str, float] = {}
+    pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    generator = torch.Generator().manual_seed(seed)
+
+    def pre(name: str):
+        def hook(module, args):
+            x = args[0].detach()
+            rows_in_batch = (
+                conv_positions(module, x)
+                if isinstance(module, nn.Conv2d)
+                else x.numel() // x.shape[-1]
+            )
+            chosen = quotas[name].choose(rows_in_batch, x.shape[0])
+            pending[name] = (chosen, input_rows(module, x, chosen).double())
+
+        return hook
+
+    def post(name: str):
+        def hook(module, args, output):
+            chosen, rows = pending.pop(name)
+
+            def on_grad(grad, chosen=chosen, rows=rows):
+                g = grad.detach()
+                g = (
+                    g.reshape(-1, g.shape[-1])
+                    if g.ndim != 4
+                    else g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+                )
+                weight = g[chosen].double().pow(2).sum(1)  # (rows,)
+                h = rows.reshape(rows.shape[0], rows.shape[1], -1, n)
+                record = moments.get(name)
+                if record is None:
+                    shape = (h.shape[1], h.shape[2], n, n)
+                    record = moments[name] = GroupMoments(torch.zeros(shape, dtype=torch.float64))
+                record.total += torch.einsum("r,rpgi,rpgj->pgij", weight, h, h)
+                weight_sums[name] = weight_sums.get(name, 0.0) + float(weight.sum())
+
+            if output.requires_grad:
+                output.register_hook(on_grad)
+
+        return hook
+
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(pre(name)))
+        handles.append(module.register_forward_hook(post(name)))
+    logits = []
+    try:
+        with torch.enable_grad():
+            for i in range(0, len(images), batch_size):
+                batch = images[i : i + batch_size].clone().requires_grad_(True)
+                z = model(batch)
+                logits.append(z.detach().float())
+                probs = torch.softmax(z.detach().double(), 1)
+                labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                F.cross_entropy(z, labels, reduction="sum").backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, record in moments.items():
+        record.rows = weight_sums[name] if weight_sums[name] > 0 else 1.0
+    return moments, torch.cat(logits)
 
 
 class _Done(Exception):
@@ -251,12 +340,13 @@ def project(
 ) -> Projection:
     """The k:n mask of `weight` in TensorRT's layout; `moments` (pixels, G, n, n) is the mean C_g.
 
-    method "cast" minimises rᵀ C_g r per (row, group); "magnitude" uses C_g = I. With a sampled
+    method "cast" (and "cast_fisher", whose C_g is Fisher-weighted) minimises rᵀ C_g r per
+    (row, group); "magnitude" uses C_g = I. With a sampled
     pattern set the magnitude pattern of each cell is always a candidate too.
     """
     w = grouped(weight.detach().float(), n)  # (out, pixels, G, n)
     data_c = moments.float()
-    search_c = data_c if method == "cast" else torch.eye(n).expand_as(data_c)
+    search_c = torch.eye(n).expand_as(data_c) if method == "magnitude" else data_c
     patterns, sampled = candidate_patterns(k, n, seed=seed)
     dropped = (~patterns).float()
     outer = (dropped[:, :, None] * dropped[:, None, :]).reshape(len(patterns), n * n).T  # (n², P)

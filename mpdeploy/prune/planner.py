@@ -32,7 +32,7 @@ MIN_CHANNELS = 8  # never keep fewer neurons/channels in a layer (heads: at leas
 @dataclasses.dataclass(frozen=True)
 class PruneConfig:
     target_macs: float  # fraction of the dense MACs to remove
-    method: str = "mp"
+    method: str = "mp_fisher"  # chosen on the suite's validation split (docs/pruning.md)
     round_to: int = 8
     seed: int = 0
     tolerance: float = 0.01  # |achieved − target| on the MAC-reduction fraction

@@ -1,7 +1,8 @@
 """Short recovery of a pruned (and possibly N:M-sparse) model by distillation from the dense teacher.
 
 Recipe of brief §5.4: loss 0.5·CE(label smoothing 0.1) + 0.5·τ²·KL(teacher/τ ‖ student/τ) with
-τ = 2; AdamW with no weight decay on biases, norms, pos_embed and cls_token; linear warm-up then
+τ = 2 on labelled data; on unlabelled images (a folder without class sub-folders, or the
+calibration batch itself) the loss is the KL term alone, τ²·KL, so no labels are ever needed; AdamW with no weight decay on biases, norms, pos_embed and cls_token; linear warm-up then
 cosine decay; gradient clipping. The architecture is frozen (widths do not change), and N:M masks,
 when given, are re-applied after every optimiser step so momentum and weight decay cannot refill
 them. Runs in one process, or under `torchrun` with DistributedDataParallel.
@@ -61,13 +62,15 @@ class RecoverResult:
 def recover(
     student: nn.Module,
     teacher: nn.Module,
-    train: str | os.PathLike,
+    train: str | os.PathLike | torch.Tensor,
     data_config: Mapping[str, Any],
     config: RecoverConfig,
     sparsity: tuple[int, int] | None = None,
     masks: Mapping[str, torch.Tensor] | None = None,
 ) -> RecoverResult:
-    """Distil `teacher` into `student` (in place) on `train` ("demo" or an ImageFolder layout).
+    """Distil `teacher` into `student` (in place) on `train`: "demo", an ImageFolder layout
+    (labelled), a folder of images without class sub-folders (unlabelled: KL only), or a tensor
+    of preprocessed images (the calibration batch: KL only, no augmentation).
 
     `masks` (bool, keyed by parameter name) are kept exactly; without them, a given `sparsity`
     pattern freezes the current zeros of every ≥2-D weight instead.
@@ -88,42 +91,39 @@ def recover(
     masks = _checked_masks(student, masks, device)
     _apply_masks(student, masks)
 
-    images, labels, classes = load_train_set(train)
-    num_classes = int(getattr(student, "num_classes", 0) or 0)
-    if num_classes and len(classes) > num_classes:
-        raise UserError(f"{train} has {len(classes)} classes but the model has {num_classes}")
-    if num_classes and len(classes) < num_classes:
-        log.warning(
-            "%s has %d classes, the model %d: folder i is class i", train, len(classes), num_classes
-        )
-    hflip = config.hflip if config.hflip is not None else (0.0 if str(train) == "demo" else 0.5)
-    train_set = LabelledImages(images, labels, train_transform(data_config, hflip))
-    eval_idx = _eval_subset(len(images), config.eval_images, config.seed)
-    eval_set = LabelledImages(
-        [images[i] for i in eval_idx], labels[eval_idx], _eval_transform(data_config)
-    )
-
+    train_set, eval_set, source = _datasets(train, data_config, config, student, teacher, device)
     top1_before = top1(student, eval_set, config.batch_size, device)
     losses = _train(student, teacher, train_set, config, masks, device, world, rank)
     top1_after = top1(student, eval_set, config.batch_size, device)
 
     steps = sum(len(e) for e in losses)
     epoch_means = [float(np.mean(e)) if e else None for e in losses]
+    labelled = source["labelled"]
     record = {
-        "train": str(train),
-        "train_images": len(images),
-        "classes": len(classes),
+        "train": source["train"],
+        "data": source["data"],
+        "train_images": len(train_set),
+        "classes": source["classes"],
         "epochs": config.epochs,
         "steps": steps,
         "world_size": world,
         "config": dataclasses.asdict(config),
-        "loss": "(1-alpha)*CE(label_smoothing) + alpha*tau^2*KL(teacher/tau || student/tau)",
+        "loss": (
+            "(1-alpha)*CE(label_smoothing) + alpha*tau^2*KL(teacher/tau || student/tau)"
+            if labelled
+            else "tau^2*KL(teacher/tau || student/tau) (no labels)"
+        ),
         "loss_per_epoch": epoch_means,
         "loss_first_step": losses[0][0] if steps else None,
         "loss_last_step": losses[-1][-1] if steps and losses[-1] else None,
         "masked_tensors": len(masks),
         "sparsity": f"{sparsity[0]}:{sparsity[1]}" if sparsity else None,
-        "top1_subset": {"images": len(eval_idx), "before": top1_before, "after": top1_after},
+        "top1_subset": {
+            "images": len(eval_set),
+            "against": "labels" if labelled else "the dense model's top-1 (agreement)",
+            "before": top1_before,
+            "after": top1_after,
+        },
         "seconds": round(time.perf_counter() - start, 2),
     }
     headline = {
@@ -137,6 +137,72 @@ def recover(
 
 
 # --- data ---------------------------------------------------------------------------------------
+
+UNLABELLED = -1  # the label of an image without one: the loss is then KL only
+
+
+def _datasets(train, data_config, config, student, teacher, device):
+    """(train set, eval subset, description) for every kind of `train`."""
+    if torch.is_tensor(train):
+        images, classes = train.detach().float().cpu(), []
+        if images.shape[0] == 0:
+            raise UserError("recovery on the calibration images needs at least one image")
+        train_set = TensorImages(images)
+        eval_idx = _eval_subset(len(images), config.eval_images, config.seed)
+        eval_set = TensorImages(images[torch.as_tensor(eval_idx)])
+        source = {"train": "calibration", "data": f"calibration images ({len(images)}, no labels)"}
+        labelled = False
+    else:
+        images, labels, classes = load_train_set(train)
+        labelled = bool(classes)
+        num_classes = int(getattr(student, "num_classes", 0) or 0)
+        if num_classes and len(classes) > num_classes:
+            raise UserError(f"{train} has {len(classes)} classes but the model has {num_classes}")
+        if labelled and num_classes and len(classes) < num_classes:
+            log.warning(
+                "%s has %d classes, the model %d: folder i is class i",
+                train,
+                len(classes),
+                num_classes,
+            )
+        hflip = config.hflip if config.hflip is not None else (0.0 if str(train) == "demo" else 0.5)
+        train_set = LabelledImages(images, labels, train_transform(data_config, hflip))
+        eval_idx = _eval_subset(len(images), config.eval_images, config.seed)
+        eval_set = LabelledImages(
+            [images[i] for i in eval_idx], labels[eval_idx], _eval_transform(data_config)
+        )
+        kind = "labelled image folder" if labelled else "unlabelled image folder (no labels)"
+        source = {"train": str(train), "data": "digits train split" if train == "demo" else kind}
+    if not labelled:  # score agreement with the teacher instead of labels
+        eval_set = _with_teacher_labels(eval_set, teacher, config.batch_size, device)
+    source.update(labelled=labelled, classes=len(classes) if labelled else None)
+    return train_set, eval_set, source
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """Preprocessed image tensors without labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        label = UNLABELLED if self.labels is None else int(self.labels[index])
+        return self.images[index], label
+
+
+def _with_teacher_labels(dataset, teacher, batch_size, device) -> TensorImages:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    images = torch.cat([batch for batch, _ in loader])
+    teacher.eval()
+    with torch.no_grad():
+        labels = torch.cat(
+            [teacher(b.to(device)).argmax(1).cpu() for b in images.split(batch_size)]
+        )
+    return TensorImages(images, labels)
 
 
 class LabelledImages(torch.utils.data.Dataset):
@@ -159,7 +225,8 @@ class LabelledImages(torch.utils.data.Dataset):
 
 
 def load_train_set(train: str | os.PathLike) -> tuple[list[Any], np.ndarray, list[str]]:
-    """("demo" → the digits train split) or an ImageFolder: sorted sub-folder names → classes."""
+    """("demo" → the digits train split), an ImageFolder (sorted sub-folder names → classes), or a
+    folder of images without class sub-folders (labels UNLABELLED, classes [])."""
     if str(train) == "demo":
         from mpdeploy.data.digits import NUM_CLASSES, digits_pil_images, load_digits_split
 
@@ -169,17 +236,24 @@ def load_train_set(train: str | os.PathLike) -> tuple[list[Any], np.ndarray, lis
 
     root = Path(train)
     if not root.is_dir():
-        raise UserError(
-            f"--train must be a labelled image folder or 'demo': {root} is not a folder"
-        )
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise UserError(f"--train must be an image folder or 'demo': {root} is not a folder")
+
+    def images_in(folder: Path, recursive: bool) -> list[Path]:
+        found = folder.rglob("*") if recursive else folder.iterdir()
+        return sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+    top_level = images_in(root, recursive=False)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and images_in(p, True))
+    if top_level or not classes:  # images not sorted into class folders: no labels
+        paths = images_in(root, recursive=True)
+        if not paths:
+            raise UserError(f"no images in {root} (--train needs image files)")
+        return paths, np.full(len(paths), UNLABELLED, dtype=np.int64), []
     paths, labels = [], []
     for index, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = images_in(root / name, recursive=True)
         paths += files
         labels += [index] * len(files)
-    if not paths:
-        raise UserError(f"no labelled images in {root} (expected {root}/<class>/<image>)")
     return paths, np.asarray(labels, dtype=np.int64), classes
 
 
@@ -220,13 +294,16 @@ def kd_loss(
     labels: torch.Tensor,
     config: RecoverConfig,
 ) -> torch.Tensor:
-    ce = F.cross_entropy(student_logits, labels, label_smoothing=config.label_smoothing)
+    """(1 − α)·CE + α·τ²·KL on labelled batches; τ²·KL alone when the batch has no labels."""
     kl = F.kl_div(
         F.log_softmax(student_logits / config.tau, dim=1),
         F.log_softmax(teacher_logits / config.tau, dim=1),
         reduction="batchmean",
         log_target=True,
     )
+    if bool((labels == UNLABELLED).all()):
+        return config.tau**2 * kl
+    ce = F.cross_entropy(student_logits, labels, label_smoothing=config.label_smoothing)
     return (1.0 - config.alpha) * ce + config.alpha * config.tau**2 * kl
 
 
@@ -260,7 +337,7 @@ def warmup_cosine(total_steps: int, config: RecoverConfig):
 def _train(
     student: nn.Module,
     teacher: nn.Module,
-    dataset: LabelledImages,
+    dataset: torch.utils.data.Dataset,
     config: RecoverConfig,
     masks: dict[str, torch.Tensor],
     device: torch.device,
@@ -326,7 +403,7 @@ def _train(
     return losses
 
 
-def top1(model: nn.Module, dataset: LabelledImages, batch_size: int, device: torch.device) -> float:
+def top1(model: nn.Module, dataset, batch_size: int, device: torch.device) -> float:
     if len(dataset) == 0:
         return float("nan")
     model.eval()
