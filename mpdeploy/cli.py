@@ -461,6 +461,33 @@ def doctor():
     click.echo(format_diagnosis(diagnose()))
 
 
+@cli.command()
+@click.option("--all", "show_all", is_flag=True, help="List every matching timm name.")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Build each matching architecture on the meta device (no weights) and show refusals.",
+)
+def families(show_all: bool, check: bool):
+    """Registered model families and the timm architectures they accept (docs/coverage.md)."""
+    from mpdeploy.families import registered_families
+    from mpdeploy.families.coverage import check_architecture, pattern_architectures
+
+    for family in registered_families():
+        names = pattern_architectures(family)
+        click.echo(f"{family.name}: {', '.join(family.examples)} — {len(names)} timm names")
+        verdicts = [check_architecture(name) for name in names] if check else []
+        refused = [v for v in verdicts if not v.accepted]
+        if check:
+            click.echo(f"  checked: {len(names) - len(refused)} accepted, {len(refused)} refused")
+        shown = names if show_all else names[:8]
+        if shown:
+            more = "" if len(shown) == len(names) else f", … (+{len(names) - len(shown)}; --all)"
+            click.echo(f"  {', '.join(shown)}{more}")
+        for verdict in refused:
+            click.echo(f"  refused {verdict.architecture}: {verdict.reason}")
+
+
 def main(argv: list[str] | None = None) -> int:
     # Busy-waiting OpenMP threads made MP analysis ~8× slower on a shared 2-core machine; a user
     # who wants spinning sets OMP_WAIT_POLICY=ACTIVE. Must happen before torch is imported.
