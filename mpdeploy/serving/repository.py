@@ -35,7 +35,6 @@ from mpdeploy.fileio import (
 from mpdeploy.locks import exclusive, repository_lock_path
 from mpdeploy.manifest import Manifest
 from mpdeploy.serving.config import (
-    PARAMETER_PREFIX,
     PYTHON_BACKEND,
     build_config,
     config_text,
@@ -117,7 +116,7 @@ def publish(
         instance_kind=serving.instance_kind,
         instance_count=instance_count,
         label_filename=LABELS_FILE if labels else None,
-        parameters={**_engine_parameters(build), **serving.parameters},
+        parameters=serving.parameters,
         output_data_type="TYPE_FP32" if kind == PYTHON_BACKEND else None,
         gpu_accelerators=serving.gpu_accelerators,
     )
@@ -263,7 +262,10 @@ def _serving(build: _Build, python_backend: bool) -> TritonServing:
         backend = get_backend(str(name), require_available=False)
     except UserError:
         raise UserError(f"{build.path}/engine/engine.json: unknown backend {name!r}") from None
-    serving = backend.triton(EngineRecord.from_dict(build.engine, partial=True))
+    try:  # the backend owns its config entries (e.g. what a TensorRT plan is locked to)
+        serving = backend.triton(EngineRecord.from_dict(build.engine, partial=True))
+    except UserError as exc:
+        raise UserError(f"{build.path}/{exc}") from None
     if not python_backend:
         return serving
     if serving.python_runner is None:
@@ -295,26 +297,6 @@ def _max_batch_size(build: _Build, requested: int | None) -> int:
             "a larger max_batch_size would make Triton send batches the engine rejects"
         )
     return requested
-
-
-def _engine_parameters(build: _Build) -> dict[str, str]:
-    """Record what a TensorRT plan is locked to, so a mismatch shows before the server fails."""
-    if build.engine.get("backend") != "tensorrt":
-        return {}
-    # EngineRecord.details as the TensorRT backend writes it.
-    details = build.engine.get("details") or {}
-    if not details.get("tensorrt_version"):
-        raise UserError(
-            f"{build.path}/engine/engine.json: a TensorRT plan without its TensorRT version "
-            "(details.tensorrt_version) cannot be locked to it; rebuild it with `mpdeploy engine`"
-        )
-    keys = ("tensorrt_version", "gpu", "compute_capability")
-    names = ("tensorrt_version", "gpu_name", "compute_capability")
-    return {
-        PARAMETER_PREFIX + label: str(details[key])
-        for key, label in zip(keys, names, strict=True)
-        if details.get(key) is not None
-    }
 
 
 def _class_labels(build: _Build) -> list[str]:
