@@ -258,12 +258,24 @@ class TensorRTBackend(Backend):
         return {"copy_outputs_to_host": False} if hardware.torch_cuda() else {}
 
     def triton(self, record: EngineRecord) -> TritonServing:
-        # What the plan is locked to (TensorRT version, GPU) goes into the config's mpdeploy_*
-        # parameters from engine.json's details (serving/repository.py).
+        # What the plan is locked to, so a mismatch shows before the server fails to load it.
+        details = record.details or {}
+        if not details.get("tensorrt_version"):
+            raise UserError(
+                "engine/engine.json: a TensorRT plan without its TensorRT version "
+                "(details.tensorrt_version) cannot be locked to it; rebuild it with "
+                "`mpdeploy engine`"
+            )
+        locked = {
+            "mpdeploy_tensorrt_version": details.get("tensorrt_version"),
+            "mpdeploy_gpu_name": details.get("gpu"),
+            "mpdeploy_compute_capability": details.get("compute_capability"),
+        }
         return TritonServing(
             kind="tensorrt_plan",
             instance_kind="KIND_GPU",
             model_file="model.plan",
+            parameters={k: str(v) for k, v in locked.items() if v is not None},
         )
 
     def build(self, onnx_path: Path, build_dir: Path, options: EngineOptions) -> EngineRecord:
