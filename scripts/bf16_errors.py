@@ -21,6 +21,7 @@ candidate (atol, rtol) pair would fail (an element fails only where both are exc
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lite0-crops", type=int, default=96)
     parser.add_argument("--demo-images", type=int, default=256)
+    parser.add_argument("--cases", nargs="+", choices=("demo", "lite0"), default=["demo", "lite0"])
     parser.add_argument("--out", type=Path, default=Path("bf16_errors.json"))
     return parser.parse_args(argv)
 
@@ -132,11 +134,14 @@ def main(argv=None) -> int:
     from mpdeploy.verify.bench import machine_info
 
     results = {"machine": {**machine_info(), "hardware": hardware.summary()}, "cases": {}}
-    for name, case in (
-        ("demo", demo_case(args.demo_images)),
-        ("lite0", lite0_case(args.lite0_crops)),
-    ):
-        model, images, description = case
+    if args.out.is_file():  # one case at a time adds to what is there
+        results["cases"] = json.loads(args.out.read_text()).get("cases", {})
+    cases = {
+        "demo": lambda: demo_case(args.demo_images),
+        "lite0": lambda: lite0_case(args.lite0_crops),
+    }
+    for name in args.cases:
+        model, images, description = cases[name]()
         results["cases"][name] = {
             "description": description,
             "images": int(images.shape[0]),

@@ -26,12 +26,16 @@ ENGINE_RECORD = "engine.json"
 # reduction-order differences while still catching any real graph error.
 # fp16: half precision has a unit roundoff of ~1e-3 that accumulates through depth; 5e-2 on logits
 # with ≥ 99 % top-1 agreement is the usual bar for fp16 classifiers.
-# bf16: 8 mantissa bits (unit roundoff 2^-9 ≈ 2e-3, 8× fp16's at the same magnitude).
-# PROVISIONAL until the error distributions are measured (scripts/bf16_errors.py).
+# bf16: 8 mantissa bits (unit roundoff 2^-9 ≈ 2e-3, 8× fp16's). Chosen from measured logit errors
+# (scripts/bf16_errors.py → docs/bf16-errors.json, docs/benchmarks.md "bf16 parity"): the demo ViT
+# on 256 digits and efficientnet-lite0 (ImageNet weights) on 48 real photo crops, bf16 by torch
+# CPU autocast (OpenVINO's recipe) and all-bf16 (a pessimistic bound). atol = the largest |Δ|
+# measured (0.58) rounded up to the next 1-2-5 step; rtol 0.1; top-1 floor = the lowest agreement
+# measured (95.8 %) rounded down to a multiple of 5 %.
 PRECISION_TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"atol": 1e-4, "rtol": 1e-4, "min_top1_agreement": 0.99},
     "fp16": {"atol": 5e-2, "rtol": 5e-2, "min_top1_agreement": 0.99},
-    "bf16": {"atol": 2.5e-1, "rtol": 1e-1, "min_top1_agreement": 0.97},
+    "bf16": {"atol": 1.0, "rtol": 1e-1, "min_top1_agreement": 0.95},
 }
 
 
