@@ -435,18 +435,14 @@ def recovered(key: str, pruned: Pruned, epochs: int, seed: int) -> tuple[torch.n
     from mpdeploy.prune.recover import RecoverConfig, recover
 
     suite = load_model(key)
-    if suite.metric == "agreement":
-        raise NotImplementedError("label-free recovery on photos needs issue 11 item 4")
     config = RecoverConfig(epochs=epochs, seed=seed, progress=False, hflip=0.0, eval_images=64)
-    result = recover(
-        copy.deepcopy(pruned.model),
-        suite.model,
-        fit_folder(),
-        suite.data_config,
-        config,
-        masks=pruned.masks,
-    )
-    return result.model, {"train": "digits fit split (1,137 labelled images)"}
+    if suite.metric == "agreement":  # no labels: distil on the calibration photos (KL only)
+        train, what = calibration(key), f"label-free, the {SETTINGS.calib_size} calibration crops"
+    else:
+        train, what = fit_folder(), "digits fit split (1,137 labelled images)"
+    student = copy.deepcopy(pruned.model)
+    result = recover(student, suite.model, train, suite.data_config, config, masks=pruned.masks)
+    return result.model, {"train": what}
 
 
 # --- cells ---------------------------------------------------------------------------------------
@@ -603,11 +599,6 @@ def skip_reason(cell: Cell) -> str | None:
     """Why a cell cannot run with today's code (reported, not stored)."""
     if cell.model != EFFNET:
         return None
-    if cell.recover_epochs:
-        from mpdeploy.prune.recover import RecoverConfig
-
-        if "unlabelled" not in {f.name for f in dataclasses.fields(RecoverConfig)}:
-            return "label-free recovery (issue 11 item 4) not available"
     if cell.method.startswith("nm_") or cell.method in TP_METHODS:
         return None
     try:
