@@ -83,8 +83,10 @@ def held_out_crops(count: int) -> list:
     return random_crops(photos, count, seed=1)
 
 
-def build(weights: Path, calib: Path, calib_size: int, target: float, method: str) -> Path:
-    out = WORK / f"build-{method}{round(target * 100)}"
+def build(
+    weights: Path, calib: Path, calib_size: int, target: float, method: str, compensate: str
+) -> Path:
+    out = WORK / f"build-{method}{round(target * 100)}-{compensate}"
     command = [
         str(REPO_ROOT / ".venv" / "bin" / "mpdeploy"),
         "build",
@@ -92,6 +94,7 @@ def build(weights: Path, calib: Path, calib_size: int, target: float, method: st
         "--weights", str(weights),
         "--target-macs", str(target),
         "--method", method,
+        "--compensate", compensate,
         "--calib", str(calib),
         "--calib-size", str(calib_size),
         "--bench-batch", "1",
@@ -136,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", nargs="+", type=float, default=[0.3])
     parser.add_argument("--methods", nargs="+", default=["mp"])
+    parser.add_argument("--compensate", default="bias", help="see mpdeploy.prune.compensate")
     parser.add_argument("--calib-size", type=int, default=128)
     parser.add_argument("--held-out", type=int, default=280)
     parser.add_argument("--out-json", type=Path, default=WORK / "agreement.json")
@@ -150,8 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for method in args.methods:
         for target in args.targets:
-            build_dir = build(weights, calib, args.calib_size, target, method)
-            record = {"method": method, "target_macs": target, **agreement(build_dir, crops)}
+            build_dir = build(weights, calib, args.calib_size, target, method, args.compensate)
+            record = {
+                "method": method,
+                "compensate": args.compensate,
+                "target_macs": target,
+                **agreement(build_dir, crops),
+            }
             print(json.dumps(record), flush=True)
             results.append(record)
     args.out_json.parent.mkdir(parents=True, exist_ok=True)
