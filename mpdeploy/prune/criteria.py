@@ -3,7 +3,7 @@
 All criteria share one interface and one planner, so the MP criterion and its baselines are
 compared through exactly the same code. Low score = removed first.
 
-- `mp` (default): the unit's mean squared contribution to its consumer's output on the
+- `mp`: the unit's mean squared contribution to its consumer's output on the
   calibration batch, E‖W_out[:, u] · h_u(x)‖² (the ℓ² logit-effect proxy of brief §5.1, applied
   to whole units), divided by E‖x_res‖², the per-token/position energy of the residual stream its
   block adds to (input of `group.residual_module`; skipped where that is None, e.g. ResNets): a
@@ -17,7 +17,7 @@ compared through exactly the same code. Low score = removed first.
   the planner's score-per-MAC ranking is uniform too (no preference for expensive units).
 - `taylor`: first-order Taylor, mean over images of |Σ h·∂L/∂h| over the unit's channels and
   positions, with L the cross-entropy against the model's own top-1 predictions (no labels, no KD).
-- `mp_fisher`: the expected change of the KL distillation loss against the dense logits when the
+- `mp_fisher` (default, `PruneConfig.method`): the expected change of the KL distillation loss against the dense logits when the
   unit is replaced by its calibration mean (what `bias` compensation leaves), to second order:
   E[(Σ_{channels∈u, positions} g·(h − μ))²], with g = ∂CE(z, y)/∂h for a label y *sampled* from
   the model's own softmax, so that E_y[g gᵀ] is the Gauss–Newton matrix of KL(p_dense ‖ p) at
