@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--r", nargs="+", type=int, default=None, help="default: 0 … largest")
     parser.add_argument("--schedule", default="constant", choices=["constant", "decreasing"])
     parser.add_argument("--recover-epochs", type=int, default=1)
+    parser.add_argument(
+        "--recover-r", nargs="*", type=int, default=None, help="r values to recover (default: all)"
+    )
     parser.add_argument("--prune-target", type=float, default=0.5)
     parser.add_argument("--prune-r", nargs="*", type=int, default=[4, 8])
     parser.add_argument("--threads", type=int, default=2)
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             **(extra or {}),
         }
         row["mac_reduction"] = 1 - row["macs"] / dense_macs
-        if args.recover_epochs:
+        if args.recover_epochs and (args.recover_r is None or r in args.recover_r):
             recovered = recover(
                 copy.deepcopy(model),
                 dense,
