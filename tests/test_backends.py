@@ -150,12 +150,18 @@ def test_triton_serving_of_each_engine_kind():
         ("engine/model.bin",),
     )
     assert openvino.parameters["INFERENCE_PRECISION_HINT"] == "bf16"
-    plan = trt.triton(_record("tensorrt"))
+    plan = trt.triton(_record("tensorrt", tensorrt_version="10.13.0", gpu="NVIDIA H100"))
     assert (plan.kind, plan.instance_kind, plan.model_file) == (
         "tensorrt_plan",
         "KIND_GPU",
         "model.plan",
     )
+    assert plan.parameters == {
+        "mpdeploy_tensorrt_version": "10.13.0",
+        "mpdeploy_gpu_name": "NVIDIA H100",
+    }
+    with pytest.raises(UserError, match="cannot be locked"):
+        trt.triton(_record("tensorrt"))
 
 
 def test_ort_tensorrt_provider_config_has_execution_accelerators():
