@@ -297,7 +297,6 @@ def test_bench_build_time_budget_records_why_each_batch_stopped(vit_build):
     # The artifact alone (no dense export: ~20 s on a loaded machine); the speedup intervals of
     # a dense-vs-pruned run are checked above and on scripted runners.
     build_dir, dense, record, options = vit_build
-    start = time.perf_counter()
     bench_build(
         build_dir,
         dense_model=dense,
@@ -307,7 +306,6 @@ def test_bench_build_time_budget_records_why_each_batch_stopped(vit_build):
         ),
         engine_options=options,
     )
-    assert time.perf_counter() - start < 10
     payload = json.loads((build_dir / "bench.json").read_text())
     assert payload["protocol"]["iterations"] is None
     assert payload["protocol"]["budget_seconds"] == 1.0
