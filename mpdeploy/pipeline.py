@@ -104,6 +104,10 @@ def validate_options(opts: BuildOptions) -> None:
         raise UserError(f"calibration folder not found: {opts.calib}")
     if opts.recover_epochs and opts.train not in (None, "demo") and not Path(opts.train).is_dir():
         raise UserError(f"--train folder not found: {opts.train}")
+    if opts.recover_epochs and opts.train not in (None, "demo"):
+        from mpdeploy.prune.recover import check_train_folder
+
+        check_train_folder(opts.train)
     if opts.weights not in ("hub", "none"):
         from mpdeploy.models import check_weights_file
 

@@ -118,3 +118,15 @@ def test_recover_without_labels_distils_kl_only(demo_pair, tmp_path):
     result = recover(student, teacher, calib, data_config, RecoverConfig(**QUICK))
     assert result.record["data"] == "calibration images (12, no labels)"
     assert result.record["top1_subset"]["images"] == 12
+
+
+def test_cli_train_folder_without_images_is_one_line(tmp_path, capsys, monkeypatch):
+    from mpdeploy.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    argv = ["build", "--weights", "none", "--model", "test_vit", "--recover-epochs", "1"]
+    code = main([*argv, "--train", "empty"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1 and "no images in empty" in lines[0], lines
+    assert not (tmp_path / "engines").exists()

@@ -257,6 +257,15 @@ def load_train_set(train: str | os.PathLike) -> tuple[list[Any], np.ndarray, lis
     return paths, np.asarray(labels, dtype=np.int64), classes
 
 
+def check_train_folder(root: str | os.PathLike) -> None:
+    """A --train folder must hold at least one image (checked before a build starts)."""
+    from mpdeploy.data.calibration import IMAGE_SUFFIXES
+
+    found = (p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not any(p.is_file() for p in found):
+        raise UserError(f"no images in {root} (--train needs image files)")
+
+
 def train_transform(data_config: Mapping[str, Any], hflip: float):
     """timm's training transform at the model's size and normalisation, lightly augmented."""
     import timm
