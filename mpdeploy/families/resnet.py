@@ -77,6 +77,11 @@ class ResNetFamily(Family):
         for stage in ("layer1", "layer2", "layer3", "layer4"):
             for b, block in enumerate(getattr(model, stage)):
                 path = f"{stage}.{b}"
+                if type(block) not in (BasicBlock, Bottleneck):  # Res2Net, ResNeSt, SK blocks
+                    raise UserError(
+                        f"structured pruning: unsupported ResNet block {type(block).__name__} "
+                        f"at {path}"
+                    )
                 require_identity(block.aa, "anti-aliasing", path)
                 if type(block) is BasicBlock:
                     groups.append(conv_bn_group(block, path, "conv1", "bn1", "conv2"))
