@@ -40,6 +40,20 @@ def prune_groups(model: nn.Module, keep: Mapping[str, Sequence[int] | torch.Tens
     return model
 
 
+def keep_indices(
+    groups: list[ChannelGroup], removed: Mapping[str, set[int]]
+) -> dict[str, list[int]]:
+    """Kept channel indices per group (whole units, ascending) when `removed` units go."""
+    keep = {}
+    for group in groups:
+        gone = removed.get(group.name)
+        if not gone:
+            continue
+        units = [u for u in range(group.units) if u not in gone]
+        keep[group.name] = [u * group.unit + c for u in units for c in range(group.unit)]
+    return keep
+
+
 def resize_to_widths(model: nn.Module, widths: Mapping[str, int]) -> nn.Module:
     """Shrink a dense model to `widths` (group name → kept channels); values are not meaningful."""
     groups = {g.name: g for g in channel_groups(model)}

@@ -431,7 +431,7 @@ def structured_layers(
     model: nn.Module, groups: list[Any], removed: Mapping[str, set[int]]
 ) -> list[LayerFit]:
     """The consumer layers of the groups that lost units, with their kept dense output rows."""
-    from mpdeploy.prune.planner import keep_indices
+    from mpdeploy.families.surgery import keep_indices
 
     keep = keep_indices(groups, removed)
     # a consumer that also produces a cut group (ResNet bottleneck conv2) keeps fewer rows

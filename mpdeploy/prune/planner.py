@@ -73,7 +73,7 @@ def prune_model(
     input_shape: tuple[int, int, int] | None = None,
 ) -> PruneResult:
     """Remove the lowest-importance units of a copy of `model` until `target_macs` is reached."""
-    from mpdeploy.families.surgery import group_widths, prune_groups
+    from mpdeploy.families.surgery import group_widths, keep_indices, prune_groups
     from mpdeploy.prune.criteria import ScoringContext, get_criterion
     from mpdeploy.prune.macs import count_macs
 
@@ -329,20 +329,6 @@ def removed_units(chunks: list[Chunk]) -> dict[str, set[int]]:
     for chunk in chunks:
         removed.setdefault(chunk.group, set()).update(chunk.units)
     return removed
-
-
-def keep_indices(
-    groups: list[ChannelGroup], removed: Mapping[str, set[int]]
-) -> dict[str, list[int]]:
-    """Kept channel indices per group (whole units, ascending)."""
-    keep = {}
-    for group in groups:
-        gone = removed.get(group.name)
-        if not gone:
-            continue
-        units = [u for u in range(group.units) if u not in gone]
-        keep[group.name] = [u * group.unit + c for u in units for c in range(group.unit)]
-    return keep
 
 
 def group_record(
