@@ -77,6 +77,30 @@ class EngineRecord:
         return dataclasses.asdict(self)
 
     @classmethod
+    def built(
+        cls,
+        backend: str,
+        options: EngineOptions,
+        onnx_path: Path,
+        io: dict[str, Any],
+        **fields: Any,
+    ) -> EngineRecord:
+        """A record whose build options and graph I/O come from `options` and `read_onnx_io`;
+        `fields` are the backend's own (artifact, build_seconds, size_bytes, details, device)."""
+        return cls(
+            backend=backend,
+            precision=options.precision,
+            onnx=onnx_path.name,
+            max_batch=options.max_batch,
+            profile=options.profile,
+            input_name=io["input_name"],
+            output_name=io["output_name"],
+            input_shape=list(io["input_shape"]),
+            num_classes=io["num_classes"],
+            **fields,
+        )
+
+    @classmethod
     def from_dict(cls, payload: dict[str, Any], *, partial: bool = False) -> EngineRecord:
         """The record in an engine.json; `partial` fills absent fields with None, for readers
         that need only some of them (publishing asks the backend how Triton serves it)."""

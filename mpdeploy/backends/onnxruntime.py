@@ -153,17 +153,12 @@ class OnnxRuntimeBackend(Backend):
         )
         details["providers"] = session.get_providers()
         details["input_type"] = session.get_inputs()[0].type
-        record = EngineRecord(
-            backend=self.name,
-            precision=options.precision,
-            onnx=onnx_path.name,
+        record = EngineRecord.built(
+            self.name,
+            options,
+            onnx_path,
+            io,
             artifact=str(onnx_path.relative_to(build_dir)),
-            max_batch=options.max_batch,
-            profile=options.profile,
-            input_name=io["input_name"],
-            output_name=io["output_name"],
-            input_shape=list(io["input_shape"]),
-            num_classes=io["num_classes"],
             build_seconds=round(time.perf_counter() - start, 3),
             size_bytes=_onnx_bytes(onnx_path),
             details=details,

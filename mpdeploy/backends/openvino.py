@@ -96,17 +96,12 @@ class OpenVinoBackend(Backend):
         from mpdeploy.backends.openvino_runner import compile_ir
 
         compiled = compile_ir(xml, options.precision, options.threads)  # proves it compiles
-        record = EngineRecord(
-            backend=self.name,
-            precision=options.precision,
-            onnx=onnx_path.name,
+        record = EngineRecord.built(
+            self.name,
+            options,
+            onnx_path,
+            io,
             artifact=f"{ENGINE_DIR}/{IR_XML}",
-            max_batch=options.max_batch,
-            profile=options.profile,
-            input_name=io["input_name"],
-            output_name=io["output_name"],
-            input_shape=list(io["input_shape"]),
-            num_classes=io["num_classes"],
             build_seconds=round(time.perf_counter() - start, 3),
             size_bytes=xml.stat().st_size + (engine_dir / IR_BIN).stat().st_size,
             details={

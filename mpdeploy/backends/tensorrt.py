@@ -347,17 +347,12 @@ class TensorRTBackend(Backend):
             "sparse_layers_eligible": len(sparsity["eligible"]),
             "sparse_layers_picked": len(sparsity["picked"]),
         }
-        record = EngineRecord(
-            backend=self.name,
-            precision=options.precision,
-            onnx=onnx_path.name,
+        record = EngineRecord.built(
+            self.name,
+            options,
+            onnx_path,
+            io,
             artifact=f"{ENGINE_DIR}/{PLAN}",
-            max_batch=options.max_batch,
-            profile=options.profile,
-            input_name=io["input_name"],
-            output_name=io["output_name"],
-            input_shape=list(io["input_shape"]),
-            num_classes=io["num_classes"],
             build_seconds=round(build_seconds, 3),
             size_bytes=plan.stat().st_size,
             details=details,
