@@ -117,7 +117,7 @@ def test_console_script_reports_one_line(in_tmp):
 @pytest.mark.parametrize(
     "argv, pattern",
     [
-        (["--model", "test_efficientnet", "--target-macs", "0.3"], "supported"),
+        (["--model", "test_byobnet", "--target-macs", "0.3"], "supported"),
         (["--model", "test_vit", "--target-macs", "0.3", "--calib-size", "1"], "calibration"),
         (["--model", "test_vit", "--sparsity", "16:17"], "need 0 < k < n ≤ 16"),
         (

@@ -145,8 +145,8 @@ def test_bad_widths_and_indices_are_user_errors():
 
 
 def test_unsupported_family_names_the_supported_ones():
-    model = timm.create_model("test_efficientnet", pretrained=False)
-    with pytest.raises(UserError, match=r"no family for EfficientNet.*vit.*convnext.*resnet"):
+    model = timm.create_model("test_byobnet", pretrained=False)
+    with pytest.raises(UserError, match=r"no family for ByobNet.*vit.*convnext.*resnet"):
         get_family(model)
 
 
