@@ -62,6 +62,19 @@ def test_every_eligible_weight_keeps_exactly_k_of_n_per_group(demo_2to4):
         assert record["achieved_sparsity"] == 0.5 and record["conforms"]
 
 
+def test_cast_fisher_masks_are_in_pattern_and_differ_from_plain_cast(demo_model, calib, demo_2to4):
+    """The logit-weighted projection runs its own capture and still keeps exactly 2 of 4."""
+    fisher = sparsify(
+        demo_model, calib, SparsityConfig(2, 4, method="cast_fisher"), input_shape=DEMO_SHAPE
+    )
+    assert set(fisher.masks) == set(demo_2to4.masks)
+    for name, mask in fisher.masks.items():
+        assert (grouped(mask, 4).sum(-1) == 2).all()
+        assert torch.equal(fisher.model.get_parameter(name).detach() != 0, mask)
+    # weighting rows by their output gradient must change some choice, or it is not in effect
+    assert any(not torch.equal(fisher.masks[n], demo_2to4.masks[n]) for n in fisher.masks)
+
+
 def test_sparse_execution_macs_match_an_independent_count(demo_model, demo_2to4):
     totals = demo_2to4.report["totals"]
     per_block = TOKENS * DIM * (3 * DIM + DIM + HIDDEN) + TOKENS * HIDDEN * DIM

@@ -174,25 +174,16 @@ def sparsify(
     dense_logits = None
     for step in steps:
         start = time.perf_counter()
+        common = dict(max_rows=config.max_rows, seed=config.seed, batch_size=config.batch_size)
         if config.method == "cast_fisher":
-            captured, logits = cast.capture_fisher_moments(
-                model,
-                step,
-                images,
-                config.n,
-                max_rows=config.max_rows,
-                seed=config.seed,
-                batch_size=config.batch_size,
-            )
+            captured, logits = cast.capture_fisher_moments(model, step, images, config.n, **common)
         else:
             captured, logits = cast.capture_group_moments(
                 model,
                 step,
                 images,
                 config.n,
-                max_rows=config.max_rows,
-                seed=config.seed,
-                batch_size=config.batch_size,
+                **common,
                 seed_index={name: names.index(name) for name in step},
                 stop_early=dense_logits is not None,
             )
