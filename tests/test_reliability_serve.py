@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from _helpers import free_ports
 from _serving_build import verified_build
 
 pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is missing")
@@ -17,17 +18,6 @@ pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not insta
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
 
 pytestmark = pytest.mark.serve
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def test_bounded_load_over_http_and_grpc(tmp_path_factory, tmp_path):

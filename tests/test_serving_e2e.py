@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import free_ports
 from _serving_build import verified_build
 
 from mpdeploy.errors import UserError
@@ -49,17 +50,6 @@ def repo(build, tmp_path_factory) -> Path:
     publish(build, repo)
     assert check_repository(repo) == []
     return repo
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def parity_cases(build: Path) -> tuple[list[np.ndarray], list[np.ndarray], float, float]:
