@@ -110,8 +110,8 @@ def prune_model(
         pruned_macs = count_macs(measure(removed), (1, *input_shape)).total_macs
         return 1.0 - pruned_macs / dense_count.total_macs
 
-    prefix, trials = choose_prefix(chunks, dense_count.total_macs, config, reduction)
-    removed = removed_units(chunks[:prefix])
+    selected, trials = choose_chunks(chunks, dense_count.total_macs, config, reduction)
+    removed = removed_units(selected)
     pruned = measure(removed).eval()
     compensation = _compensate(model, pruned, calib, groups, removed, config)
     pruned_count = count_macs(pruned, (1, *input_shape))
@@ -273,16 +273,57 @@ def rank_chunks(
     return sorted(chunks, key=lambda c: (c.priority, index[c.group]))
 
 
-def choose_prefix(
+def choose_chunks(
     chunks: list[Chunk],
     dense_macs: float,
     config: PruneConfig,
     reduction: Callable[[dict[str, set[int]]], float],
     max_trials: int = 12,
-) -> tuple[int, list[dict[str, Any]]]:
-    """The prefix length whose measured MAC reduction is closest to the target.
+) -> tuple[list[Chunk], list[dict[str, Any]]]:
+    """The chunks to remove: the ranking's prefix closest to the target, refined at the boundary.
 
-    Starts from the MAC estimate, then narrows a bracket with measured reductions (a measured
+    A prefix can straddle the target when the next chunk is large (a head is ~50 MLP neurons of
+    MACs on a narrow ViT); then the plan is completed with later, smaller chunks (`fill`) or
+    trimmed back from the prefix past the target (`trim`): the one within half the tolerance, or
+    else the one that removes less score.
+    A target that no plan meets within `config.tolerance` is a `UserError`, never a silent miss.
+    """
+    measured, lo, hi = _search_prefix(chunks, dense_macs, config, reduction, max_trials)
+    target, tolerance = config.target_macs, config.tolerance
+    trials = [{"chunks": n, "mac_reduction": measured[n]} for n in sorted(measured)]
+    best = min(measured, key=lambda n: (abs(measured[n] - target), n))
+    if abs(measured[best] - target) <= tolerance:
+        return chunks[:best], trials
+    measure_all = measured.get(len(chunks)) or reduction(removed_units(chunks))
+    if measure_all < target - tolerance:
+        raise UserError(
+            f"target MAC reduction {target:.0%} is out of reach: removing everything allowed "
+            f"(≥1 head, ≥{MIN_CHANNELS} channels per layer, multiples of {config.round_to}) "
+            f"gives {measure_all:.1%}"
+        )
+    candidates = []
+    for name, selected in (
+        ("fill", _fill(chunks, lo, measured[lo], dense_macs, target)),
+        ("trim", _trim(chunks, hi, measured.get(hi, measure_all), dense_macs, target)),
+    ):
+        value = reduction(removed_units(selected))
+        trials.append({"chunks": len(selected), "refined": name, "mac_reduction": value})
+        if abs(value - target) <= tolerance:
+            off = abs(value - target) > tolerance / 2  # the prefix search's own aim first
+            candidates.append((off, sum(c.score for c in selected), selected))
+    if not candidates:
+        closest = min((t["mac_reduction"] for t in trials), key=lambda v: abs(v - target))
+        raise UserError(
+            f"target MAC reduction {target:.0%} cannot be met within ±{tolerance:.1%} with "
+            f"round_to={config.round_to} (closest plan: {closest:.1%}); choose another target"
+        )
+    return min(candidates, key=lambda c: c[:2])[2], trials
+
+
+def _search_prefix(chunks, dense_macs, config, reduction, max_trials):
+    """Measured reductions of the prefixes tried, bracketing the target: lo below, hi at/above.
+
+    Starts from the MAC estimate, then narrows the bracket with measured reductions (a measured
     reduction only grows with the prefix), interpolating on the estimated curve.
     """
     estimated = np.concatenate([[0.0], np.cumsum([c.macs for c in chunks])]) / dense_macs
@@ -310,18 +351,49 @@ def choose_prefix(
         k = int(np.searchsorted(estimated, goal))
         if not lo < k < hi:
             k = (lo + hi) // 2
-    best = min(measured, key=lambda n: (abs(measured[n] - target), n))
-    if (
-        measured[best] < target - config.tolerance
-        and measure(len(chunks)) < target - config.tolerance
-    ):
-        raise UserError(
-            f"target MAC reduction {target:.0%} is out of reach: removing everything allowed "
-            f"(≥1 head, ≥{MIN_CHANNELS} channels per layer, multiples of {config.round_to}) "
-            f"gives {measured[len(chunks)]:.1%}"
-        )
-    trials = [{"chunks": n, "mac_reduction": measured[n]} for n in sorted(measured)]
-    return best, trials
+    if lo not in measured:
+        measure(lo)
+    return measured, lo, hi
+
+
+def _fill(chunks: list[Chunk], lo: int, start: float, dense_macs: float, target: float):
+    """The prefix `lo` plus later chunks in rank order that do not pass the target.
+
+    A chunk that would pass it closes its group, so every group still loses its lowest-scored
+    units first (and its first, odd-sized chunk before the others).
+    """
+    selected, closed, value = list(chunks[:lo]), set(), start
+    for chunk in chunks[lo:]:
+        if value >= target:
+            break
+        if chunk.group in closed:
+            continue
+        if value + chunk.macs / dense_macs <= target:
+            selected.append(chunk)
+            value += chunk.macs / dense_macs
+        else:
+            closed.add(chunk.group)
+    return selected
+
+
+def _trim(chunks: list[Chunk], hi: int, start: float, dense_macs: float, target: float):
+    """The prefix `hi` less its best-ranked removals that leave the reduction at the target or above.
+
+    Only a group's last removed chunk can be given back (its removals stay a prefix of its order).
+    """
+    kept_back, locked, value = set(), set(), start
+    for index in range(hi - 1, -1, -1):
+        chunk = chunks[index]
+        if value <= target:
+            break
+        if chunk.group in locked:
+            continue
+        if value - chunk.macs / dense_macs >= target:
+            kept_back.add(index)
+            value -= chunk.macs / dense_macs
+        else:
+            locked.add(chunk.group)
+    return [c for i, c in enumerate(chunks[:hi]) if i not in kept_back]
 
 
 def removed_units(chunks: list[Chunk]) -> dict[str, set[int]]:
