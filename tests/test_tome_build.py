@@ -103,3 +103,29 @@ def test_bad_tome_input_in_a_real_process(in_tmp):
     )
     _one_error_line(run.returncode, run.stderr, "applies to ViTs only")
     assert not (in_tmp / "out").exists() and not any(in_tmp.iterdir())
+
+
+def test_sweep_set_from_a_labelled_train_folder_and_a_token_only_png(tmp_path, monkeypatch):
+    import mpdeploy.tome_plot as tome_plot
+    from mpdeploy.data.digits import write_image_folder
+    from mpdeploy.models import create_model
+    from mpdeploy.models.demo import DEMO_MODEL
+
+    data_config = create_model(DEMO_MODEL).data_config
+    labelled = write_image_folder("test", tmp_path / "labelled")
+    monkeypatch.setattr(tome_plot, "SWEEP_IMAGES", 20)
+    images, labels, what = tome_plot.labelled_sweep_set("vit_x", str(labelled), data_config)
+    assert images.shape == (20, 3, 32, 32) and labels.shape == (20,)
+    assert what.startswith("20 --train images") and "not held out" in what
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    (labelled / "0").rename(unlabelled / "0")  # images without class folders of their own
+    assert tome_plot.labelled_sweep_set("vit_x", str(unlabelled / "0"), data_config) is None
+    assert tome_plot.labelled_sweep_set("vit_x", None, data_config) is None
+    assert tome_plot.sweep_values(16, 7) == [0, 3, 6, 7, 10, 13, 16]
+    record = dict(
+        r=8, schedule="constant", prefix_tokens=1, patch_tokens=196, tokens_after_last_block=101
+    )
+    record["tokens_per_block"] = [197 - 8 * block for block in range(12)]
+    png = tome_plot.write_tome_png(tmp_path / "tome.png", record)
+    assert png.read_bytes()[:8] == PNG_MAGIC
