@@ -14,10 +14,20 @@ inputs x̂ that lack some channels (or weight slots). Three switchable correctio
   1×1) and y the dense layer's output on the same images and rows. X̂ᵀX̂ and X̂ᵀY are summed in one
   streaming pass in float64 (memory does not grow with the calibration set); λ = ridge × the mean
   diagonal of X̂ᵀX̂. With an N:M mask each output row is solved on its own kept slots.
-- `bn`: BatchNorm running statistics re-estimated on the calibration images (CNNs; none in ViTs).
+- `bn`: BatchNorm running statistics corrected for the shift that pruning causes (CNNs; none in
+  ViTs), measured on the calibration images *relative to the dense network on the same images*:
+  running_mean ← dense running_mean + (μ̂_pruned − μ̂_dense), running_var ← dense running_var ·
+  (σ̂²_pruned + ε) / (σ̂²_dense + ε). With nothing removed it changes nothing, whatever the images;
+  re-estimating the absolute statistics on a small or narrow calibration set (a few hundred crops
+  of three photos) replaces ImageNet statistics by those of the photos and alone cut a dense
+  efficientnet-lite0 to 34 % top-1 agreement with itself (`reestimate_batchnorm` keeps that
+  absolute re-estimation for callers that want it).
 
-All statistics come from one paired pass of the dense and the pruned network (the pruned inputs
-are those of the uncompensated network), then BatchNorm re-estimation, if asked, runs last.
+A layer without a bias folds its bias fit into the BatchNorm that reads its output (found by one
+traced forward pass: timm EfficientNet's conv_pwl → bn3, a depthwise-separable conv_pw → bn2,
+ResNet's convN → bnN). All statistics come from one paired pass of the dense and the pruned
+network (the pruned inputs are those of the uncompensated network), then the BatchNorm correction,
+if asked, runs last.
 """
 
 from __future__ import annotations
@@ -110,6 +120,7 @@ def compensate(
         )
     record["calibration_images"] = int(calib.shape[0])
     fit_part = "lsq" if "lsq" in parts else "bias" if "bias" in parts else None
+    norms = following_norms(pruned, [layer.name for layer in layers], calib[:1])
     if fit_part and layers:
         stats = collect_statistics(
             dense, pruned, calib, layers, config, need_gram=fit_part == "lsq"
@@ -117,14 +128,18 @@ def compensate(
         ill_posed = ill_posed_layers(stats, layers, calib.shape[0]) if fit_part == "lsq" else {}
         for layer in layers:
             part = "bias" if layer.name in ill_posed else fit_part
-            entry = refit_layer(pruned, layer, stats[layer.name], part, config.ridge)
+            entry = refit_layer(
+                pruned, layer, stats[layer.name], part, config.ridge, norm=norms.get(layer.name)
+            )
             if layer.name in ill_posed:
                 entry["lsq_needs_images"] = ill_posed[layer.name]
             record["layers"][layer.name] = entry
         if ill_posed:
             record["lsq_fell_back_to_bias"] = sorted(ill_posed)
     if "bn" in parts:
-        record["batchnorm_layers"] = reestimate_batchnorm(pruned, calib, config.batch_size)
+        channels = getattr(layers, "norm_channels", None)
+        record["batchnorm"] = shift_batchnorm(dense, pruned, calib, config.batch_size, channels)
+        record["batchnorm_layers"] = record["batchnorm"]["corrected"]
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record
 
@@ -278,12 +293,18 @@ def _max_unknowns(layer: LayerFit, s: _LayerStats) -> int:
 
 
 def refit_layer(
-    pruned: nn.Module, layer: LayerFit, s: _LayerStats, part: str, ridge: float
+    pruned: nn.Module,
+    layer: LayerFit,
+    s: _LayerStats,
+    part: str,
+    ridge: float,
+    *,
+    norm: str | None = None,
 ) -> dict[str, Any]:
     module = pruned.get_submodule(layer.name)
     weight = module.weight.detach()
     flat = weight.reshape(weight.shape[0], -1).double()
-    bias_sink = bias_target(pruned, layer.name)
+    bias_sink = bias_target(pruned, layer.name, norm)
     if part == "lsq" and flat.shape[1] > MAX_LSQ_FEATURES and layer.support is not None:
         part = "bias"
     entry: dict[str, Any] = {"fit": part, "rows": s.rows, "bias_into": bias_sink}
@@ -354,12 +375,17 @@ def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.lstsq(a, b, driver="gelsd").solution
 
 
-def bias_target(model: nn.Module, name: str) -> str | None:
+def bias_target(model: nn.Module, name: str, norm: str | None = None) -> str | None:
     """Where layer `name` can hold a bias: its own bias, or the BatchNorm right after it (whose
-    running mean then absorbs the layer's new output bias; a layer without one has bias 0)."""
+    running mean then absorbs the layer's new output bias; a layer without one has bias 0).
+
+    `norm`: that BatchNorm's name where it is known (`following_norms`); otherwise it is guessed
+    from timm ResNet names (convN → bnN)."""
     module = model.get_submodule(name)
     if module.bias is not None:
         return f"{name}.bias"
+    if norm is not None:
+        return f"{norm}.running_mean"
     parent, _, leaf = name.rpartition(".")
     if leaf.startswith("conv"):  # timm ResNet convN → bnN
         bn_name = f"{parent}.bn{leaf[4:]}" if parent else f"bn{leaf[4:]}"
@@ -373,6 +399,46 @@ def bias_target(model: nn.Module, name: str) -> str | None:
         ):
             return f"{bn_name}.running_mean"
     return None
+
+
+def following_norms(model: nn.Module, names: list[str], sample: torch.Tensor) -> dict[str, str]:
+    """For each layer in `names`, the BatchNorm whose input is exactly that layer's output (one
+    forward pass on `sample`, tensors compared by identity; same channel count). Layers with no
+    such BatchNorm are left out, as are all of them in a model without BatchNorm."""
+    norms = {
+        m: n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    }
+    if not norms or not names:
+        return {}
+    outputs: dict[str, torch.Tensor] = {}
+    found: dict[str, str] = {}
+    handles = []
+
+    def remember(name):
+        def hook(mod, inputs, output):
+            outputs[name] = output
+
+        return hook
+
+    def match(mod, inputs):
+        for name, output in outputs.items():
+            if inputs[0] is output and mod.num_features == output.shape[1]:
+                found.setdefault(name, norms[mod])
+
+    try:
+        for name in names:
+            handles.append(model.get_submodule(name).register_forward_hook(remember(name)))
+        for norm in norms:
+            handles.append(norm.register_forward_pre_hook(match))
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(sample)
+        model.train(was_training)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
 
 
 def _current_bias(model: nn.Module, name: str, sink: str | None, outputs: int) -> torch.Tensor:
@@ -424,6 +490,126 @@ def reestimate_batchnorm(model: nn.Module, calib: torch.Tensor, batch_size: int)
     return len(norms)
 
 
+def shift_batchnorm(
+    dense: nn.Module,
+    pruned: nn.Module,
+    calib: torch.Tensor,
+    batch_size: int,
+    channels: Mapping[str, torch.Tensor] | None = None,
+    *,
+    variance: bool = True,
+) -> dict[str, Any]:
+    """Correct every BatchNorm of `pruned` by the shift pruning causes at its input, measured
+    against `dense` on the same calibration images: running_mean = dense mean + (μ̂_p − μ̂_d),
+    running_var = dense var · (σ̂²_p + ε)/(σ̂²_d + ε) (`variance=False`: the mean only).
+
+    The base statistics are the dense BatchNorm's (a bias folded into a running mean before is
+    superseded: the correction measures the whole shift at the norm's input). Batches run in
+    order through both networks; while a batch passes, each pruned BatchNorm already normalises
+    with that batch's correction, so later norms see corrected inputs (as BatchNorm
+    re-estimation in training mode does). `channels`: the dense channels a narrower pruned
+    BatchNorm kept (structured pruning); a narrower one without them is left alone."""
+    dense_modules = dict(dense.named_modules())
+    todo, skipped = {}, []
+    for name, norm in pruned.named_modules():
+        if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            continue
+        ref = dense_modules.get(name)
+        if not isinstance(ref, nn.modules.batchnorm._BatchNorm) or ref.running_mean is None:
+            skipped.append(name)
+            continue
+        if channels is not None and name in channels:
+            idx = torch.as_tensor(channels[name], dtype=torch.long)
+        elif ref.num_features == norm.num_features:
+            idx = torch.arange(norm.num_features)
+        else:
+            skipped.append(name)
+            continue
+        if idx.numel() != norm.num_features:
+            skipped.append(name)
+            continue
+        todo[name] = (norm, ref, idx)
+    if not todo:
+        return {"corrected": 0, "skipped": skipped, "variance": variance}
+    base = {
+        n: (ref.running_mean[idx].double(), ref.running_var[idx].double())
+        for n, (_, ref, idx) in todo.items()
+    }
+    sums = {n: torch.zeros(4, len(idx), dtype=torch.float64) for n, (_, _, idx) in todo.items()}
+    count = dict.fromkeys(todo, 0)
+    batch_dense: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        x = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1)
+        return x.sum(1), (x * x).sum(1), x.shape[1]
+
+    def dense_hook(name):
+        def hook(mod, inputs):
+            s1, s2, n = moments(inputs[0])
+            idx = todo[name][2]
+            batch_dense[name] = (s1[idx], s2[idx])
+            sums[name][0] += s1[idx]
+            sums[name][1] += s2[idx]
+
+        return hook
+
+    def pruned_hook(name):
+        def hook(mod, inputs):
+            s1, s2, n = moments(inputs[0])
+            d1, d2 = batch_dense.pop(name)
+            sums[name][2] += s1
+            sums[name][3] += s2
+            count[name] += n
+            _set_shifted(mod, base[name], (d1 / n, d2 / n), (s1 / n, s2 / n), variance)
+
+        return hook
+
+    handles = []
+    was_training = (dense.training, pruned.training)
+    try:
+        for name, (norm, ref, _) in todo.items():
+            handles.append(ref.register_forward_pre_hook(dense_hook(name)))
+            handles.append(norm.register_forward_pre_hook(pruned_hook(name)))
+        dense.eval()
+        pruned.eval()
+        with torch.no_grad():
+            for batch in calib.split(batch_size):
+                dense(batch)
+                pruned(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        dense.train(was_training[0])
+        pruned.train(was_training[1])
+    shifts = []
+    for name, (norm, _, _) in todo.items():
+        n = max(count[name], 1)
+        s = sums[name] / n
+        _set_shifted(norm, base[name], (s[0], s[1]), (s[2], s[3]), variance)
+        scale = base[name][1].sqrt().clamp_min(1e-12)
+        shifts.append(float(((norm.running_mean.double() - base[name][0]) / scale).abs().max()))
+    return {
+        "corrected": len(todo),
+        "skipped": skipped,
+        "variance": variance,
+        "max_mean_shift_in_sd": round(max(shifts), 4),
+    }
+
+
+def _set_shifted(norm, base, dense_moments, pruned_moments, variance: bool) -> None:
+    mean0, var0 = base
+    d_mean, p_mean = dense_moments[0], pruned_moments[0]
+    with torch.no_grad():
+        norm.running_mean.copy_((mean0 + p_mean - d_mean).to(norm.running_mean.dtype))
+        if variance:
+            d_var = (dense_moments[1] - d_mean**2).clamp_min(0)
+            p_var = (pruned_moments[1] - p_mean**2).clamp_min(0)
+            ratio = (p_var + norm.eps) / (d_var + norm.eps)
+            norm.running_var.copy_((var0 * ratio).to(norm.running_var.dtype))
+        else:
+            norm.running_var.copy_(var0.to(norm.running_var.dtype))
+
+
 # --- which layers to re-fit -----------------------------------------------------------------------
 
 
@@ -451,7 +637,29 @@ def structured_layers(
             taps = model.get_submodule(name).weight[0, 0].numel()  # kh·kw (1 for a Linear)
             columns = (kept.unsqueeze(1) * taps + torch.arange(taps)).flatten()
             fits.append(LayerFit(name, out_rows=out_rows.get(name), in_features=columns))
-    return fits
+    return StructuredFits(fits, norm_channels=_norm_channels(groups, keep))
+
+
+class StructuredFits(list):
+    """The LayerFits of a structured cut, plus `norm_channels`: for each BatchNorm the cut made
+    narrower, the dense channels it kept (what `shift_batchnorm` compares it with)."""
+
+    def __init__(self, fits, norm_channels: Mapping[str, torch.Tensor]):
+        super().__init__(fits)
+        self.norm_channels = dict(norm_channels)
+
+
+def _norm_channels(groups: list[Any], keep: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    channels = {}
+    for group in groups:
+        if group.name not in keep:
+            continue
+        kept = torch.as_tensor(keep[group.name], dtype=torch.long)
+        for piece in group.producers:
+            module, _, attr = piece.name.rpartition(".")
+            if attr == "running_mean" and piece.dim == 0:
+                channels[module] = kept + piece.offset
+    return channels
 
 
 def masked_layers(masks: Mapping[str, torch.Tensor]) -> list[LayerFit]:
