@@ -495,20 +495,25 @@ def write_tome_figure(ctx: BuildContext, tome: dict[str, Any]) -> Path:
     from mpdeploy.tome_plot import (
         TOME_PNG,
         labelled_sweep_set,
+        sweep_image_count,
         sweep_values,
         top1_by_r,
         write_tome_png,
     )
 
+    dense = ctx.dense()[0]
+    settings = ToMeSettings(tome["r"], tome["schedule"], tome["proportional"])
+    values = sweep_values(largest_r(dense, settings.schedule), settings.r)
     model = ctx.manifest.model
     data = labelled_sweep_set(
-        model["timm_name"], ctx.options.train, model["data_config"], ctx.options.seed
+        model["timm_name"],
+        ctx.options.train,
+        model["data_config"],
+        ctx.options.seed,
+        max_images=sweep_image_count(tome["dense_macs"], len(values)),
     )
     if data is not None:
         images, labels, what = data
-        dense = ctx.dense()[0]
-        settings = ToMeSettings(tome["r"], tome["schedule"], tome["proportional"])
-        values = sweep_values(largest_r(dense, settings.schedule), settings.r)
         scores = top1_by_r(dense, settings, images, labels, values)
         tome["top1_sweep"] = {"images": what, "top1_by_r": scores}
     return write_tome_png(ctx.path(TOME_PNG), tome, tome.get("top1_sweep"))

@@ -17,6 +17,8 @@ from mpdeploy.fileio import atomic_path
 TOME_PNG = "tome.png"
 SWEEP_POINTS = 6  # r values scored (0, the build's r and the largest r always among them)
 SWEEP_IMAGES = 360  # at most (a seeded subset): all of the demo's 360 held-out test digits
+SWEEP_MACS = 2e12  # fewer images for big models: ViT-B/16 (17.6 GMACs) scores 32 per r
+SWEEP_MIN_IMAGES = 32
 
 
 def sweep_values(largest: int, chosen: int, points: int | None = None) -> list[int]:
@@ -26,8 +28,17 @@ def sweep_values(largest: int, chosen: int, points: int | None = None) -> list[i
     return sorted({*grid.tolist(), chosen})
 
 
+def sweep_image_count(dense_macs: float, points: int) -> int:
+    """Images per r so that the whole sweep stays near SWEEP_MACS (between 32 and 360)."""
+    return int(np.clip(SWEEP_MACS / (points * dense_macs), SWEEP_MIN_IMAGES, SWEEP_IMAGES))
+
+
 def labelled_sweep_set(
-    timm_name: str, train: str | None, data_config: dict[str, Any], seed: int = 0
+    timm_name: str,
+    train: str | None,
+    data_config: dict[str, Any],
+    seed: int = 0,
+    max_images: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, str] | None:
     """(images, labels, what they are) for the top-1 sweep, or None without labelled data."""
     from mpdeploy.data.calibration import eval_transform
@@ -44,8 +55,9 @@ def labelled_sweep_set(
         items, _ = labelled_images(source)
     except UserError:  # an unlabelled --train folder (recovery by KL only): no top-1 to show
         return None
-    if len(items) > SWEEP_IMAGES:
-        keep = np.random.default_rng(seed).choice(len(items), SWEEP_IMAGES, replace=False)
+    limit = max_images or SWEEP_IMAGES
+    if len(items) > limit:
+        keep = np.random.default_rng(seed).choice(len(items), limit, replace=False)
         items = [items[i] for i in sorted(keep)]
     transform = eval_transform(data_config)
     pairs = [(label, open_image(item)) for label, item in items]

@@ -113,6 +113,8 @@ def test_sweep_set_from_a_labelled_train_folder_and_a_token_only_png(tmp_path, m
 
     data_config = create_model(DEMO_MODEL).data_config
     labelled = write_image_folder("test", tmp_path / "labelled")
+    assert tome_plot.sweep_image_count(17.56e9, 7) == 32  # ViT-B/16: the sweep stays ~4 TMACs
+    assert tome_plot.sweep_image_count(48.3e6, 6) == 360  # the demo: all its test digits
     monkeypatch.setattr(tome_plot, "SWEEP_IMAGES", 20)
     images, labels, what = tome_plot.labelled_sweep_set("vit_x", str(labelled), data_config)
     assert images.shape == (20, 3, 32, 32) and labels.shape == (20,)
