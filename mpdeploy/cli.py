@@ -148,6 +148,12 @@ def engine_options(fn):
 
 
 def sparsity_option(fn):
+    fn = click.option(
+        "--sparsity-method",
+        default="cast",
+        show_default=True,
+        help="How N:M picks the kept weights: cast, cast_fisher, magnitude, obs.",
+    )(fn)
     return click.option(
         "--sparsity",
         default="off",
@@ -341,6 +347,7 @@ _stage_command(
         _optional("--method"),
         _optional("--compensate"),
         _optional("--sparsity"),
+        _optional("--sparsity-method"),
         _optional("--recover-epochs", type=int),
         _optional("--train"),
     ],

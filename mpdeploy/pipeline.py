@@ -50,6 +50,7 @@ class BuildOptions:
     data_config: str | None = None  # JSON file of timm preprocessing keys overriding timm's
     target_macs: float = 0.0
     sparsity: str = "off"
+    sparsity_method: str = "cast"  # mpdeploy.prune.nm.METHODS
     method: str = "mp_fisher"
     compensate: str = "lsq+bn"  # mpdeploy.prune.compensate.DEFAULT_COMPENSATION
     round_to: int = 8
@@ -138,6 +139,9 @@ def check_option_values(opts: BuildOptions) -> None:
     if not 0.0 <= opts.target_macs <= 0.95:
         raise UserError(f"--target-macs must be in [0, 0.95] (got {opts.target_macs})")
     parse_sparsity(opts.sparsity)
+    from mpdeploy.prune.nm import check_method
+
+    check_method(opts.sparsity_method)
     tome_settings(opts)
     if opts.method not in METHODS:
         raise UserError(f"unknown --method '{opts.method}': choose one of {', '.join(METHODS)}")
@@ -542,7 +546,11 @@ def stage_sparsify(ctx: BuildContext) -> StageOutcome:
         model,
         ctx.calibration().images,
         SparsityConfig(
-            k=pattern[0], n=pattern[1], seed=ctx.options.seed, compensate=ctx.options.compensate
+            k=pattern[0],
+            n=pattern[1],
+            method=ctx.options.sparsity_method,
+            seed=ctx.options.seed,
+            compensate=ctx.options.compensate,
         ),
         input_shape=ctx.input_shape,
         reference_macs=ctx.manifest.payload["headline"]["dense_macs"] if spec.tome else None,

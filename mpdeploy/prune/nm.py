@@ -31,7 +31,7 @@ from mpdeploy.prune.layout import LayerLayout, conforms, layer_layouts
 
 log = logging.getLogger(__name__)
 
-METHODS = ("cast", "cast_fisher", "magnitude")
+METHODS = ("cast", "cast_fisher", "magnitude", "obs")
 SEQUENTIAL = ("off", "block", "layer")
 SPARSITY_JSON = "sparsity.json"
 MASKS_FILE = Path("pruned") / "masks.safetensors"
@@ -41,11 +41,17 @@ POLYGRAPHY_TIMEOUT_S = 1800
 _FOUND = re.compile(r"Found (sparse|non-sparse) tensor: (\S+)")
 
 
+def check_method(method: str) -> None:
+    """A UserError (one line) unless `method` is an N:M method this module knows."""
+    if method not in METHODS:
+        raise UserError(f"unknown --sparsity-method '{method}': choose one of {', '.join(METHODS)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SparsityConfig:
     k: int
     n: int
-    method: str = "cast"  # "cast" | "magnitude"
+    method: str = "cast"  # "cast" | "cast_fisher" | "magnitude" | "obs" (prune/obs.py)
     permute: bool = True
     include_classifier: bool = False
     max_rows: int = 4096  # calibration rows per layer for C_g (tokens or im2col patches)
@@ -65,8 +71,7 @@ class SparsityConfig:
         parse_compensation(self.compensate)
         if not 0 < self.k < self.n <= 16:
             raise UserError(f"sparsity {self.k}:{self.n}: need 0 < k < n ≤ 16")
-        if self.method not in METHODS:
-            raise UserError(f"unknown sparsity method '{self.method}': use {' or '.join(METHODS)}")
+        check_method(self.method)
         if self.max_rows < 1:
             raise UserError(f"max_rows must be at least 1 (got {self.max_rows})")
         if self.sequential not in SEQUENTIAL:
@@ -175,7 +180,9 @@ def sparsify(
     for step in steps:
         start = time.perf_counter()
         common = dict(max_rows=config.max_rows, seed=config.seed, batch_size=config.batch_size)
-        if config.method == "cast_fisher":
+        if config.method == "obs":
+            captured, logits = _capture_obs(model, step, images, config)
+        elif config.method == "cast_fisher":
             captured, logits = cast.capture_fisher_moments(model, step, images, config.n, **common)
         else:
             captured, logits = cast.capture_group_moments(
@@ -195,6 +202,7 @@ def sparsify(
         step_layouts = [lay for lay in layouts if lay.name in captured]
         projections.update(_project(model, step_layouts, moments, config))
         step_masks = {lay.param: projections[lay.name].mask for lay in step_layouts}
+        _write_obs_weights(model, step_layouts, projections)
         apply_masks(model, step_masks)
         masks.update(step_masks)
         timing["projection_s"] += time.perf_counter() - start
@@ -241,12 +249,50 @@ def _compensate(reference, model, images, masks, config: SparsityConfig) -> dict
     return record
 
 
+def _capture_obs(model, names, images, config: SparsityConfig):
+    """OBS: every layer's input Gram matrix (one dense pass per ~1 GB of them), and the logits."""
+    from mpdeploy.prune.compensate import CompensateConfig
+    from mpdeploy.prune.obs import capture_hessians
+
+    rows = CompensateConfig().max_rows  # the rows the least-squares re-fit will see
+    hessians = capture_hessians(
+        model, names, images, max_rows=rows, seed=config.seed, batch_size=config.batch_size
+    )
+    return hessians, _logits(model, images, config.batch_size)
+
+
+def _write_obs_weights(model, layouts, projections) -> None:
+    """OBS also re-fits the kept weights (what `--compensate none` then keeps)."""
+    with torch.no_grad():
+        for lay in layouts:
+            weight = getattr(projections[lay.name], "weight", None)
+            if weight is not None:
+                param = model.get_parameter(lay.param)
+                param.copy_(weight.to(param.dtype))
+
+
 def _project(
     model: nn.Module,
     layouts: list[LayerLayout],
-    moments: dict[str, cast.GroupMoments],
+    moments: dict,
     config: SparsityConfig,
 ) -> dict[str, cast.Projection]:
+    if config.method == "obs":
+        from mpdeploy.prune.obs import obs_project
+
+        centered = config.compensate != "none"  # the re-fit that follows has a free bias
+        return {
+            lay.name: obs_project(
+                model.get_parameter(lay.param),
+                moments[lay.name].matrix(centered=centered),
+                config.k,
+                config.n,
+                seed=config.seed,
+                rows=moments[lay.name].rows,
+            )
+            for lay in layouts
+            if lay.eligible
+        }
     return {
         lay.name: cast.project(
             model.get_parameter(lay.param),
