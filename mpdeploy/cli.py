@@ -93,8 +93,11 @@ def prune_options(fn):
     )(fn)
     fn = click.option(
         "--method",
-        type=click.Choice(["mp", "mp_fisher", "fisher", "magnitude", "random", "taylor"]),
-        default="mp_fisher",
+        type=click.Choice(
+            ["mp_fisher_taylor", "mp_fisher", "mp", "mp_taylor", "fisher", "magnitude"]
+            + ["random", "taylor"]
+        ),
+        default="mp_fisher_taylor",
         show_default=True,
         help="Pruning criterion.",
     )(fn)

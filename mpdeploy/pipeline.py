@@ -25,7 +25,16 @@ log = logging.getLogger(__name__)
 
 SPARSITY_PATTERNS = ("off", "2:4", "4:8", "6:12", "8:16", "12:16")
 TOME_SCHEDULES = ("constant", "decreasing")  # mpdeploy.families.tome.SCHEDULES (no timm import)
-METHODS = ("mp", "mp_fisher", "fisher", "magnitude", "random", "taylor")
+METHODS = (
+    "mp_fisher_taylor",
+    "mp_fisher",
+    "mp",
+    "mp_taylor",
+    "fisher",
+    "magnitude",
+    "random",
+    "taylor",
+)
 STAGES = (
     "resolve",
     "calibrate",
@@ -51,7 +60,7 @@ class BuildOptions:
     target_macs: float = 0.0
     sparsity: str = "off"
     sparsity_method: str = "cast"  # mpdeploy.prune.nm.METHODS
-    method: str = "mp_fisher"
+    method: str = "mp_fisher_taylor"  # PruneConfig.method
     compensate: str = "lsq+bn"  # mpdeploy.prune.compensate.DEFAULT_COMPENSATION
     round_to: int = 8
     backend: str = "onnxruntime"

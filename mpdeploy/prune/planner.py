@@ -32,7 +32,7 @@ MIN_CHANNELS = 8  # never keep fewer neurons/channels in a layer (heads: at leas
 @dataclasses.dataclass(frozen=True)
 class PruneConfig:
     target_macs: float  # fraction of the dense MACs to remove
-    method: str = "mp_fisher"  # chosen on the suite's validation split (docs/pruning.md)
+    method: str = "mp_fisher_taylor"  # chosen on the suite's validation split (docs/accuracy.md)
     round_to: int = 8
     seed: int = 0
     tolerance: float = 0.01  # |achieved − target| on the MAC-reduction fraction
@@ -138,7 +138,8 @@ def prune_model(
         "round_to": config.round_to,
         "seed": config.seed,
         "budget_weights_from": "spectrum" if ctx.budget_weights else "none (all 1.0)",
-        "uses_budget_weights": config.method in ("mp", "mp_absolute", "mp_fisher"),
+        "uses_budget_weights": config.method
+        in ("mp", "mp_absolute", "mp_fisher", "mp_fisher_taylor", "mp_taylor"),
         "mac_iterations": trials,
         "compensation": compensation,
         "groups": [

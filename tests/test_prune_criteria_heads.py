@@ -1,0 +1,65 @@
+"""`mp_fisher_taylor`: mp_fisher's allocation, heads chosen by the first-order Taylor order."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from test_prune_fixtures import input_size, make_model
+
+from mpdeploy.families import get_family
+from mpdeploy.prune import PruneConfig
+from mpdeploy.prune.criteria import (
+    MPFisherCriterion,
+    MPFisherTaylorCriterion,
+    MPTaylorCriterion,
+    ScoringContext,
+    TaylorCriterion,
+)
+
+
+def scores_of(name, kwargs, criteria, weights):
+    model = make_model(name, kwargs)
+    calib = torch.randn(6, *input_size(model), generator=torch.Generator().manual_seed(3))
+    groups = get_family(model).channel_groups(model)
+    ctx = ScoringContext(calib, weights, batch_size=3)
+    return groups, [c().unit_scores(model, groups, ctx) for c in criteria]
+
+
+def test_heads_follow_taylor_order_with_mp_fisher_values_and_other_groups_are_unchanged():
+    weights = {"blocks.0.attn.proj": 2.0, "blocks.0.mlp.fc2": 0.5}
+    groups, (hybrid, fisher, taylor) = scores_of(
+        "test_vit",
+        {"num_heads": 4},
+        (MPFisherTaylorCriterion, MPFisherCriterion, TaylorCriterion),
+        weights,
+    )
+    heads = [g for g in groups if g.kind == "attn_heads"]
+    assert heads and all(g.units == 4 for g in heads)
+    for group in groups:
+        if group.kind != "attn_heads":
+            np.testing.assert_array_equal(hybrid[group.name], fisher[group.name])
+            continue
+        # the group's score values (hence its share of the plan) are mp_fisher's ...
+        np.testing.assert_array_equal(np.sort(hybrid[group.name]), np.sort(fisher[group.name]))
+        # ... and the head removed first is Taylor's least important one
+        assert np.array_equal(np.argsort(hybrid[group.name]), np.argsort(taylor[group.name]))
+
+
+def test_a_cnn_gets_exactly_the_mp_fisher_scores():
+    _, (hybrid, fisher) = scores_of(
+        "test_resnet", {}, (MPFisherTaylorCriterion, MPFisherCriterion), {}
+    )
+    assert all(np.array_equal(hybrid[name], fisher[name]) for name in fisher)
+
+
+def test_mp_taylor_divides_taylor_by_the_square_root_of_the_budget_weight():
+    weights = {"blocks.0.mlp.fc2": 4.0}
+    _, (mp_taylor, taylor) = scores_of(
+        "test_vit", {}, (MPTaylorCriterion, TaylorCriterion), weights
+    )
+    np.testing.assert_allclose(mp_taylor["blocks.0.mlp"], taylor["blocks.0.mlp"] / 2.0)
+    np.testing.assert_array_equal(mp_taylor["blocks.0.attn"], taylor["blocks.0.attn"])
+
+
+def test_the_default_criterion_is_mp_fisher_taylor():
+    assert PruneConfig(0.5).method == "mp_fisher_taylor"
