@@ -148,7 +148,14 @@ def compensate(
 
 
 class _LayerStats:
-    """Σ x̃ x̃ᵀ (or Σ x̃ only) and Σ x̃ yᵀ over calibration rows, x̃ = [x̂, 1], in float64."""
+    """Σ x̃ x̃ᵀ (or Σ x̃ only) and Σ x̃ yᵀ over calibration rows, x̃ = [x̂, 1], summed in float64.
+
+    Each batch's products are taken in the activations' own precision (float32: half the time of
+    float64 products) on rows shifted by the first batch's means, c and d, and added to the
+    float64 sums with the shift undone exactly in float64 (Σ x yᵀ = Σ (x−c)(y−d)ᵀ + c Σyᵀ +
+    Σx dᵀ − n c dᵀ): the float32 round-off then scales with the spread of the rows, not with
+    their mean, which the bias column takes out of the solution again.
+    """
 
     def __init__(self, features: int, outputs: int, need_gram: bool):
         self.need_gram = need_gram
@@ -158,16 +165,34 @@ class _LayerStats:
         self.cross = torch.zeros(size, outputs, dtype=torch.float64) if need_gram else None
         self.sum_y = torch.zeros(outputs, dtype=torch.float64)
         self.rows = 0
+        self.shift: tuple[torch.Tensor, torch.Tensor] | None = None  # c, d (see above)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
-        y = y.double()
-        self.sum_x += x.sum(0)
-        self.sum_y += y.sum(0)
+        rows, features = x.shape
+        if rows == 0:  # a batch whose rows the quota skipped
+            return
+        sum_x = x.sum(0, dtype=torch.float64)
+        self.sum_x[:features] += sum_x
+        self.sum_x[features] += rows
+        sum_y = y.sum(0, dtype=torch.float64)
+        self.sum_y += sum_y
         if self.need_gram:
-            self.gram += x.T @ x
-            self.cross += x.T @ y
-        self.rows += x.shape[0]
+            if self.shift is None:
+                self.shift = ((sum_x / rows).to(x.dtype), (sum_y / rows).to(x.dtype))
+            c, d = self.shift
+            x_c, y_d = x - c, y.to(x.dtype) - d
+            c, d = c.double(), d.double()
+            c_sum = torch.outer(c, sum_x)
+            gram = (x_c.T @ x_c).double() + c_sum + c_sum.T - rows * torch.outer(c, c)
+            cross = (x_c.T @ y_d).double() + torch.outer(c, sum_y)
+            cross += torch.outer(sum_x, d) - rows * torch.outer(c, d)
+            self.gram[:features, :features] += gram
+            self.gram[:features, features] += sum_x
+            self.gram[features, :features] += sum_x
+            self.gram[features, features] += rows
+            self.cross[:features] += cross
+            self.cross[features] += sum_y
+        self.rows += rows
 
 
 def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -353,7 +353,7 @@ class _ChannelMean:
             rows = x.reshape(-1, x.shape[-1])
         else:
             rows = x.transpose(0, 1).reshape(x.shape[1], -1).T
-        total = rows.double().sum(0)
+        total = rows.sum(0, dtype=torch.float64)  # no float64 copy of the rows
         self.total = total if self.total is None else self.total + total
         self.count += rows.shape[0]
 
@@ -430,13 +430,20 @@ def _pre_hooks(model: nn.Module, callbacks) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _grad_enabled(model: nn.Module) -> Iterator[None]:
+    """Autograd for activation gradients only: each forward's input requires grad, the
+    parameters do not, so backward skips every weight gradient (about one forward's worth of
+    MACs; the criteria read only ∂L/∂h at the consumer inputs)."""
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for p in model.parameters():
-        p.requires_grad_(True)
+        p.requires_grad_(False)
+    handle = model.register_forward_pre_hook(
+        lambda _module, inputs: (inputs[0].detach().requires_grad_(True), *inputs[1:])
+    )
     try:
         with torch.enable_grad():
             yield
     finally:
+        handle.remove()
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
 

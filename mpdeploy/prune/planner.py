@@ -11,10 +11,11 @@ measure.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -103,18 +104,27 @@ def prune_model(
     scores = criterion.unit_scores(model, groups, ctx)
     chunks = rank_chunks(groups, scores, unit_macs, config.round_to)
 
-    def measure(removed: dict[str, set[int]]) -> nn.Module:
-        return prune_groups(copy.deepcopy(model), keep_indices(groups, removed))
+    counts: dict[frozenset, Any] = {}  # MacCount of every plan the search measured
+
+    def measure(removed: dict[str, set[int]], *, share_weights: bool = False) -> nn.Module:
+        # a MAC trial needs only the cut architecture: its copy shares the dense tensors (surgery
+        # slices into new tensors and never writes into old ones), so trials copy no weights
+        tensors = (*model.parameters(), *model.buffers()) if share_weights else ()
+        memo = {id(t): t for t in tensors}
+        return prune_groups(copy.deepcopy(model, memo), keep_indices(groups, removed))
 
     def reduction(removed: dict[str, set[int]]) -> float:
-        pruned_macs = count_macs(measure(removed), (1, *input_shape)).total_macs
-        return 1.0 - pruned_macs / dense_count.total_macs
+        count = count_macs(measure(removed, share_weights=True), (1, *input_shape))
+        counts[_plan_key(removed)] = count
+        return 1.0 - count.total_macs / dense_count.total_macs
 
     selected, trials = choose_chunks(chunks, dense_count.total_macs, config, reduction)
     removed = removed_units(selected)
     pruned = measure(removed).eval()
-    compensation = _compensate(model, pruned, calib, groups, removed, config)
-    pruned_count = count_macs(pruned, (1, *input_shape))
+    dense_logits = _DenseLogits(calib)
+    with dense_logits.watching(model):  # compensation's dense pass gives the headline's logits
+        compensation = _compensate(model, pruned, calib, groups, removed, config)
+    pruned_count = counts.get(_plan_key(removed)) or count_macs(pruned, (1, *input_shape))
     widths = group_widths(pruned)
     achieved = 1.0 - pruned_count.total_macs / dense_count.total_macs
 
@@ -129,7 +139,9 @@ def prune_model(
         "pruned_params": _params(pruned),
     }
     if calib is not None and calib.shape[0] > 0:
-        headline.update(logit_effect(model, pruned, calib, config.batch_size))
+        headline.update(
+            logit_effect(model, pruned, calib, config.batch_size, dense_logits.logits())
+        )
     plan = {
         "method": config.method,
         "family": family.name,
@@ -434,13 +446,22 @@ def group_record(
 
 
 def logit_effect(
-    dense: nn.Module, pruned: nn.Module, calib: torch.Tensor, batch_size: int
+    dense: nn.Module,
+    pruned: nn.Module,
+    calib: torch.Tensor,
+    batch_size: int,
+    dense_logits: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Per-sample ‖Δlogits‖∞ on the calibration batch and the margin certificate (brief §3.2)."""
+    """Per-sample ‖Δlogits‖∞ on the calibration batch and the margin certificate (brief §3.2).
+
+    `dense_logits`: the dense model's logits on `calib` where a pass already computed them.
+    """
     from mpdeploy.verify.certificate import margin_certificate
 
-    with torch.no_grad():
-        ref = torch.cat([dense(b) for b in calib.split(batch_size)]).double().numpy()
+    with torch.inference_mode():
+        if dense_logits is None:
+            dense_logits = torch.cat([dense(b) for b in calib.split(batch_size)])
+        ref = dense_logits.double().numpy()
         out = torch.cat([pruned(b) for b in calib.split(batch_size)]).double().numpy()
     cert = margin_certificate(ref, out)
     return {
@@ -450,6 +471,54 @@ def logit_effect(
         "top1_agreement_calib": cert["top1_agreement"],
         "calibration_images": cert["samples"],
     }
+
+
+class _DenseLogits:
+    """The dense model's logits on `calib`, kept from a pass that runs anyway (compensation's
+    statistics) instead of a pass of their own: a forward hook on the model keeps every output
+    whose input is a slice of `calib` (same storage, dtype, shape and strides)."""
+
+    def __init__(self, calib: torch.Tensor | None):
+        self.calib = calib
+        self.parts: dict[int, torch.Tensor] = {}  # first image index → logits
+
+    @contextlib.contextmanager
+    def watching(self, model: nn.Module) -> Iterator[None]:
+        handle = model.register_forward_hook(self._keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _keep(self, _module: nn.Module, inputs: tuple, output: Any) -> None:
+        calib = self.calib
+        x = inputs[0] if inputs else None
+        if calib is None or not (torch.is_tensor(x) and torch.is_tensor(output)):
+            return
+        if x.dtype != calib.dtype or x.shape[1:] != calib.shape[1:] or x.stride() != calib.stride():
+            return
+        if x.untyped_storage().data_ptr() != calib.untyped_storage().data_ptr():
+            return
+        start, rest = divmod(x.storage_offset() - calib.storage_offset(), calib.stride(0))
+        if rest == 0 and start >= 0 and start + x.shape[0] <= calib.shape[0]:
+            self.parts[start] = output.detach()
+
+    def logits(self) -> torch.Tensor | None:
+        """Every calibration image's logits in order; None where the passes did not cover all."""
+        if self.calib is None:
+            return None
+        out, at = [], 0
+        while at < self.calib.shape[0]:
+            part = self.parts.get(at)
+            if part is None or part.shape[0] == 0:
+                return None
+            out.append(part)
+            at += part.shape[0]
+        return torch.cat(out)
+
+
+def _plan_key(removed: Mapping[str, set[int]]) -> frozenset:
+    return frozenset((group, frozenset(units)) for group, units in removed.items() if units)
 
 
 def _params(model: nn.Module) -> int:
