@@ -2,6 +2,12 @@
 
     python scripts/bench_prune_cpu.py                       # vit_small_patch16_224 + resnet50, 50 %
     python scripts/bench_prune_cpu.py --models resnet50 --runs 40 --method magnitude
+    python scripts/bench_prune_cpu.py --prune-stage vit_b16 --calib-size 256   # the prune stage
+
+`--prune-stage MODEL` times instead the prune stage of `mpdeploy build --model MODEL --weights none`
+(calibration images, MP spectrum, scores, plan, compensation, headline) with `--calib-size` builtin
+images: wall and CPU time (process_time: all threads) per phase, and the passes of images through
+the dense and the pruned network, counted with a global forward hook. Writes --out-json only.
 
 Random weights (no downloads). Each model is pruned with `prune_model`, both graphs are exported
 with `export_onnx`, and the two ONNX Runtime sessions are timed in one process, alternating dense
@@ -45,11 +51,109 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     parser.add_argument(
-        "--out-json", type=Path, default=REPO_ROOT / "docs" / "pruning-bench-cpu.json"
+        "--out-json",
+        type=Path,
+        default=None,
+        help="default docs/pruning-bench-cpu.json (--prune-stage: docs/prune-stage-cpu.json)",
     )
     parser.add_argument("--doc", type=Path, default=REPO_ROOT / "docs" / "pruning.md")
     parser.add_argument("--marker", default=MARKER, help="results block of --doc to replace")
-    return parser.parse_args(argv)
+    parser.add_argument("--prune-stage", metavar="MODEL", help="time the prune stage of MODEL")
+    parser.add_argument("--calib-size", type=int, default=256, help="with --prune-stage")
+    parser.add_argument(
+        "--criterion", default=None, help="with --prune-stage (default: PruneConfig's)"
+    )
+    args = parser.parse_args(argv)
+    if args.out_json is None:
+        name = "prune-stage-cpu.json" if args.prune_stage else "pruning-bench-cpu.json"
+        args.out_json = REPO_ROOT / "docs" / name
+    return args
+
+
+class PassCounter:
+    """Images through the dense and the pruned network (root-module forwards; the planner's
+    batch-1 MAC counts apart), split by whether autograd recorded them (a backward follows)."""
+
+    def __init__(self, dense, calib_shape):
+        self.dense, self.shape = dense, tuple(calib_shape[1:])
+        self.images = {"dense": 0, "dense_with_grad": 0, "pruned": 0, "mac_count_forwards": 0}
+
+    def __call__(self, module, inputs, output):
+        import torch
+
+        x = inputs[0] if inputs else None
+        if type(module) is not type(self.dense) or not torch.is_tensor(x):
+            return
+        if tuple(x.shape[1:]) != self.shape or (x.shape[0] == 1 and not x.any()):
+            self.images["mac_count_forwards"] += 1
+        elif module is not self.dense:
+            self.images["pruned"] += x.shape[0]
+        elif torch.is_grad_enabled() and getattr(output, "requires_grad", False):
+            self.images["dense_with_grad"] += x.shape[0]
+        else:
+            self.images["dense"] += x.shape[0]
+
+
+def prune_stage(args: argparse.Namespace) -> dict:
+    """Time calibrate → analyze → prune as `mpdeploy build` runs them, phase by phase."""
+    import torch
+
+    from mpdeploy.data.calibration import load_calibration
+    from mpdeploy.models import create_model
+    from mpdeploy.prune import PruneConfig, prune_model
+    from mpdeploy.spectrum import analyze_model
+
+    loaded = create_model(args.prune_stage, weights="none")
+    shape = tuple(int(v) for v in loaded.data_config["input_size"])
+    config = PruneConfig(args.target)
+    if args.criterion:
+        config = PruneConfig(args.target, method=args.criterion)
+    phases, clock = {}, (time.perf_counter(), time.process_time())
+
+    def lap(name):
+        nonlocal clock
+        now = (time.perf_counter(), time.process_time())
+        phases[name] = {"wall_s": now[0] - clock[0], "cpu_s": now[1] - clock[1]}
+        clock = now
+
+    calib = load_calibration(
+        "builtin", args.calib_size, loaded.data_config, model_name=loaded.spec.timm_name
+    )
+    lap("calibration")
+    spectrum = analyze_model(loaded.model, sparsity=args.target)
+    lap("spectrum")
+    counter = PassCounter(loaded.model, calib.images.shape)
+    handle = torch.nn.modules.module.register_module_forward_hook(counter)
+    try:
+        result = prune_model(
+            loaded.model, calib.images, spectrum, config, spec=loaded.spec, input_shape=shape
+        )
+    finally:
+        handle.remove()
+    lap("prune_model")
+    n = len(calib.images)
+    ratio = result.headline["pruned_macs"] / result.headline["dense_macs"]
+    passes = {k: v / n for k, v in counter.images.items() if k != "mac_count_forwards"}
+    return {
+        "model": args.prune_stage,
+        "timm_name": loaded.spec.timm_name,
+        "calibration_images": n,
+        "method": config.method,
+        "compensate": config.compensate,
+        "target": args.target,
+        "phases": phases,
+        "total_wall_s": sum(p["wall_s"] for p in phases.values()),
+        "total_cpu_s": sum(p["cpu_s"] for p in phases.values()),
+        "passes": passes,
+        "mac_count_forwards": counter.images["mac_count_forwards"],
+        # a forward of the dense network = 1; autograd passes add their backward (activation
+        # gradients only: ≈ 1 more); a pruned pass costs its MAC ratio
+        "forward_equivalents": passes["dense"]
+        + 2 * passes["dense_with_grad"]
+        + ratio * passes["pruned"],
+        "headline": result.headline,
+        "compensation_seconds": result.plan["compensation"].get("seconds"),
+    }
 
 
 def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
@@ -165,6 +269,16 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     env = environment()
+    if args.prune_stage:
+        payload = {
+            "environment": env,
+            "threads": args.threads,
+            "command": " ".join(["python", "scripts/bench_prune_cpu.py", *(argv or sys.argv[1:])]),
+            **prune_stage(args),
+        }
+        args.out_json.write_text(json.dumps(payload, indent=2) + "\n")
+        print(json.dumps({k: payload[k] for k in ("phases", "passes", "total_cpu_s")}, indent=1))
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench-prune-") as tmp:
         models = [bench_model(name, args, Path(tmp)) for name in args.models]
     payload = {
