@@ -24,7 +24,7 @@ def exported(tmp_path_factory):
     return loaded, build, calib
 
 
-def _verify(loaded, build, calib):
+def _verify(loaded, build, calib, merge_flips=None):
     backend = get_backend("onnxruntime")
     record = backend.build(build / "model.onnx", build, EngineOptions(max_batch=8))
     return verify_engine(
@@ -36,7 +36,12 @@ def _verify(loaded, build, calib):
         precision="fp32",
         artifact="model.onnx",
         batch_size=8,
+        merge_flips=merge_flips,
     )
+
+
+def _all_flipped(feeds):
+    return [True] * sum(len(f["input"]) for f in feeds)
 
 
 def test_faithful_engine_passes_and_polygraphy_cli_agrees(exported):
@@ -65,6 +70,31 @@ def test_perturbed_engine_fails(exported, tmp_path):
     assert report.verdict == "fail" and not report.polygraphy_passed
     with pytest.raises(ParityError, match="parity FAILED"):
         require_pass(report)
+
+
+def test_changed_merges_are_counted_and_never_loosen_the_check(exported, tmp_path):
+    """Token merging: inputs whose merges changed are reported. A faithful engine still passes
+    when every input's merges changed (all of them pass the unchanged elementwise check); a
+    perturbed one fails even when the changed inputs leave nothing else to check."""
+    loaded, build, calib = exported
+    report = _verify(loaded, build, calib, merge_flips=_all_flipped)
+    decisions = report.merge_decisions
+    assert report.verdict == "pass"
+    assert decisions["inputs"] == 24 and decisions["inputs_with_changed_merges"] == 24
+    assert decisions["elementwise_passed_on_all"] is True
+    assert decisions["elementwise_checked_inputs"] == 0
+    assert decisions["elementwise_passed_on_unchanged"] is False
+
+    proto = onnx.load(str(build / "model.onnx"))
+    for tensor in proto.graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        if array.ndim == 2 and array.dtype == np.float32:
+            tensor.CopyFrom(numpy_helper.from_array(array * np.float32(1.01), tensor.name))
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    bad = _verify(loaded, tmp_path, calib, merge_flips=_all_flipped)
+    assert bad.verdict == "fail" and bad.merge_decisions["elementwise_passed_on_all"] is False
+    bad = _verify(loaded, tmp_path, calib, merge_flips=lambda feeds: [False] * 24)
+    assert bad.verdict == "fail" and bad.merge_decisions["elementwise_checked_inputs"] == 24
 
 
 def test_margin_certificate():
