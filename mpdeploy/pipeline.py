@@ -756,6 +756,9 @@ def stage_verify(ctx: BuildContext) -> StageOutcome:
         headline["parity_inputs_with_changed_merges"] = report.merge_decisions[
             "inputs_with_changed_merges"
         ]
+        headline["parity_changed_merges_within_tolerance"] = report.merge_decisions[
+            "elementwise_passed_on_all"
+        ]
     ctx.cache["failed_headline"] = headline
     outputs = [
         ctx.path("parity", n)

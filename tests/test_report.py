@@ -37,3 +37,19 @@ def test_pruned_build_shows_speedup_next_to_mac_ratio():
 def test_unpruned_build_does_not_claim_a_speedup():
     text = summary_table(_manifest(bench_comparison="no pruning", latency_ms_batch1=1.8), Path("b"))
     assert "no speedup to measure" in text and "measured speedup" not in text
+
+
+def test_changed_merge_decisions_say_whether_they_were_checked():
+    within = summary_table(
+        _manifest(parity_inputs_with_changed_merges=3, parity_changed_merges_within_tolerance=True),
+        Path("b"),
+    )
+    assert "3 input(s) merged other tokens" in within
+    assert "still within the elementwise tolerances" in within
+    outside = summary_table(
+        _manifest(
+            parity_inputs_with_changed_merges=2, parity_changed_merges_within_tolerance=False
+        ),
+        Path("b"),
+    )
+    assert "left out of the elementwise check" in outside
