@@ -79,6 +79,17 @@ def conv_positions(conv: nn.Conv2d, x: torch.Tensor) -> int:
     return x.shape[0] * hout * wout
 
 
+def sample_rows(
+    module: nn.Module, x: torch.Tensor, quota: _RowQuota
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows `quota` draws from this batch's input `x` of `module`: (indices, float64 rows)."""
+    rows_in_batch = (
+        conv_positions(module, x) if isinstance(module, nn.Conv2d) else x.numel() // x.shape[-1]
+    )
+    chosen = quota.choose(rows_in_batch, x.shape[0])
+    return chosen, input_rows(module, x, chosen).double()
+
+
 def _patch_rows(conv: nn.Conv2d, x: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
     padded = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
@@ -135,15 +146,7 @@ def capture_group_moments(
 
     def hook(name: str):
         def pre(module, args):
-            x = args[0].detach()
-            images_in_batch = x.shape[0]
-            rows_in_batch = (
-                conv_positions(module, x)
-                if isinstance(module, nn.Conv2d)
-                else x.numel() // x.shape[-1]
-            )
-            chosen = quotas[name].choose(rows_in_batch, images_in_batch)
-            rows = input_rows(module, x, chosen).double()
+            _, rows = sample_rows(module, args[0].detach(), quotas[name])
             h = rows.reshape(rows.shape[0], rows.shape[1], -1, n)
             record = moments.get(name)
             if record is None:
@@ -197,14 +200,7 @@ def capture_fisher_moments(
 
     def pre(name: str):
         def hook(module, args):
-            x = args[0].detach()
-            rows_in_batch = (
-                conv_positions(module, x)
-                if isinstance(module, nn.Conv2d)
-                else x.numel() // x.shape[-1]
-            )
-            chosen = quotas[name].choose(rows_in_batch, x.shape[0])
-            pending[name] = (chosen, input_rows(module, x, chosen).double())
+            pending[name] = sample_rows(module, args[0].detach(), quotas[name])
 
         return hook
 

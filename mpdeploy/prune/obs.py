@@ -33,7 +33,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from mpdeploy.prune.cast import _RowQuota, candidate_patterns, conv_positions, input_rows
+from mpdeploy.prune.cast import _RowQuota, candidate_patterns, sample_rows
 from mpdeploy.prune.layout import grouped, ungrouped
 
 BLOCK_COLUMNS = 128  # lazy-update block, rounded down to a multiple of n
@@ -99,14 +99,7 @@ def _capture(model, step, images, names, max_rows, seed, batch_size) -> dict[str
 
     def hook(name: str):
         def pre(module, args):
-            x = args[0].detach()
-            rows_in_batch = (
-                conv_positions(module, x)
-                if isinstance(module, nn.Conv2d)
-                else x.numel() // x.shape[-1]
-            )
-            chosen = quotas[name].choose(rows_in_batch, x.shape[0])
-            rows = input_rows(module, x, chosen).double()  # (rows, pixels, Cin)
+            _, rows = sample_rows(module, args[0].detach(), quotas[name])  # (rows, pixels, Cin)
             rows = rows.reshape(rows.shape[0], -1)  # pixel-major, Cin-minor: the group order
             record = found.get(name)
             if record is None:
