@@ -120,8 +120,8 @@ def compensate(
         )
     record["calibration_images"] = int(calib.shape[0])
     fit_part = "lsq" if "lsq" in parts else "bias" if "bias" in parts else None
-    norms = following_norms(pruned, [layer.name for layer in layers], calib[:1])
     if fit_part and layers:
+        norms = following_norms(pruned, [layer.name for layer in layers], calib[:1])
         stats = collect_statistics(
             dense, pruned, calib, layers, config, need_gram=fit_part == "lsq"
         )
