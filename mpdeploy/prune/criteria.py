@@ -57,6 +57,7 @@ class ScoringContext:
 class Criterion:
     name: ClassVar[str]
     min_calibration: ClassVar[int] = 0  # images needed
+    uses_budget_weights: ClassVar[bool] = False  # scores divided by the MP budget weights
 
     def unit_scores(
         self, model: nn.Module, groups: list[ChannelGroup], ctx: ScoringContext
@@ -107,6 +108,7 @@ class MPCriterion(Criterion):
 
     name = "mp"
     min_calibration = 2
+    uses_budget_weights = True
     residual_normalised: ClassVar[bool] = True
 
     def unit_scores(self, model, groups, ctx):
@@ -184,6 +186,7 @@ class MPTaylorCriterion(TaylorCriterion):
     """
 
     name = "mp_taylor"
+    uses_budget_weights = True
 
     def unit_scores(self, model, groups, ctx):
         scores = super().unit_scores(model, groups, ctx)
@@ -203,7 +206,6 @@ class FisherCriterion(Criterion):
 
     name = "fisher"
     min_calibration = 2
-    budget_weighted: ClassVar[bool] = False
     temperature: ClassVar[float] = 1.0
 
     def unit_scores(self, model, groups, ctx):
@@ -228,7 +230,7 @@ class FisherCriterion(Criterion):
                 labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
                 nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
         model.zero_grad(set_to_none=True)
-        weights = dict(ctx.budget_weights) if self.budget_weighted else {}
+        weights = dict(ctx.budget_weights) if self.uses_budget_weights else {}
         scores = {}
         for g in groups:
             mu = means[g.name].mean()
@@ -241,7 +243,7 @@ class FisherCriterion(Criterion):
 
 class MPFisherCriterion(FisherCriterion):
     name = "mp_fisher"
-    budget_weighted = True
+    uses_budget_weights = True
 
 
 class MPFisherTaylorCriterion(MPFisherCriterion):

@@ -150,8 +150,7 @@ def prune_model(
         "round_to": config.round_to,
         "seed": config.seed,
         "budget_weights_from": "spectrum" if ctx.budget_weights else "none (all 1.0)",
-        "uses_budget_weights": config.method
-        in ("mp", "mp_absolute", "mp_fisher", "mp_fisher_taylor", "mp_taylor"),
+        "uses_budget_weights": criterion.uses_budget_weights,
         "mac_iterations": trials,
         "compensation": compensation,
         "groups": [
