@@ -588,7 +588,8 @@ TOME_ACCOUNTING_DIFFERENCE = (
 
 
 def tome_mac_accounting(dense, tome: dict[str, Any], pattern: tuple[int, int]) -> dict[str, Any]:
-    """N:M + ToMe sparse-execution MAC reduction in the MP paper's accounting (brief §6), and the
+    """N:M + ToMe sparse-execution MAC reduction in the MP paper's accounting
+    (docs/tome.md), and the
     analytic count of the graph mpdeploy exports, for `dense` (a meta-device model is enough).
 
     The paper's figure (59.81 % for ViT-B/16, 2:4, r = 8) counts each whole block l at the N_l
@@ -614,7 +615,7 @@ def tome_mac_accounting(dense, tome: dict[str, Any], pattern: tuple[int, int]) -
     graph = vit_tome_macs(**shape, merges=merges, keep_fraction=keep, merge_after_attention=True)
     return {
         **record.to_dict(),
-        "paper_accounting": "MP paper (brief §6): whole block l at the N_l tokens entering it, "
+        "paper_accounting": "MP paper: whole block l at the N_l tokens entering it, "
         "block Linears at k/n, attention matmuls, patch embedding and head dense",
         "paper_accounting_mac_reduction": mac_reduction(base, paper),
         "exported_graph": "counted on a real forward of the exported graph (total_mac_reduction): "

@@ -48,7 +48,7 @@ class BudgetConfig:
         return asdict(self)
 
 
-# The four ViT-B sweep regimes (brief §2.3 item 6), keyed by their upper sparsity bound.
+# The four ViT-B sweep regimes (docs/spectrum.md), keyed by their upper sparsity bound.
 # For s > 0.55 the paper gives β only for attention and MLP; "other" layers get β_attn [inference].
 REGIMES: tuple[tuple[float, BudgetConfig], ...] = (
     (0.20, BudgetConfig("hill_alpha", beta=0.5, s_d=0.30)),

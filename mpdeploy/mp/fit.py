@@ -1,6 +1,7 @@
 """BEMA fit of a Marchenko–Pastur bulk to one weight matrix, in the authors' code conventions.
 
-W is (M = out, N = in); the gram on the smaller side is divided by N = in_features (brief §2.2).
+W is (M = out, N = in); the gram on the smaller side is divided by N = in_features
+(docs/spectrum.md).
 """
 
 from __future__ import annotations

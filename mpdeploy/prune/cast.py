@@ -1,4 +1,5 @@
-"""CAST k:n projection (brief §5.1): per output row and group, the kept pattern that drops the least.
+"""CAST k:n projection (docs/sparsity.md): per output row and group, the kept pattern that
+drops the least.
 
 The cost of dropping slots d = 1 − m of group g in row i is rᵀ C_g r with r = d ⊙ w_{i,g}, where
 C_g = E[h_g h_gᵀ] is the within-group second moment of the layer's input on the calibration batch
@@ -28,7 +29,7 @@ from torch import nn
 
 from mpdeploy.prune.layout import grouped, ungrouped
 
-EXACT_LIMIT = 5000  # C(n, k) at or above this: search a seeded sample (brief §5.1)
+EXACT_LIMIT = 5000  # C(n, k) at or above this: search a seeded sample (docs/sparsity.md)
 SAMPLED_PATTERNS = 1024
 CHUNK_FLOATS = 1 << 24  # ~64 MB of float32 per chunk of the cost product
 

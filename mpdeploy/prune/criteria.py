@@ -4,11 +4,11 @@ All criteria share one interface and one planner, so the MP criterion and its ba
 compared through exactly the same code. Low score = removed first.
 
 - `mp`: the unit's mean squared contribution to its consumer's output on the
-  calibration batch, E‖W_out[:, u] · h_u(x)‖² (the ℓ² logit-effect proxy of brief §5.1, applied
+  calibration batch, E‖W_out[:, u] · h_u(x)‖² (the paper's ℓ² logit-effect proxy; applied
   to whole units), divided by E‖x_res‖², the per-token/position energy of the residual stream its
   block adds to (input of `group.residual_module`; skipped where that is None, e.g. ResNets): a
   pre-norm LayerNorm divides the stream by its norm, so a change δ matters as δ/‖x‖. Then divided
-  by the consumer layer's MP budget weight (brief §2.3): high σ+ ⇒ weight > 1 ⇒ cut more.
+  by the consumer layer's MP budget weight (docs/spectrum.md): high σ+ ⇒ weight > 1 ⇒ cut more.
 - `mp_absolute`: the same without the E‖x_res‖² division (the original `mp`; API only, kept so
   the comparison in docs/pruning.md is reproducible).
 - `magnitude`: the squared L2 norm of the unit's parameters (producer rows, norms, consumer

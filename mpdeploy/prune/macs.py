@@ -155,7 +155,7 @@ def vit_tome_macs(
     merge_after_attention: bool = False,
     head_dim: int = 64,
 ) -> ViTMacs:
-    """The brief's §6 token-count model of a ViT with ToMe merging r tokens per block.
+    """The MP paper's token-count model (docs/tome.md) of a ViT merging r tokens per block.
 
     Block l runs on N_l = tokens − r·l tokens for the whole block (Linears (4 + 2·mlp_ratio)·N·d²,
     i.e. 12·N·d² at ratio 4; QKᵀ and AV 2·N²·d). Patch embedding and head stay dense.
@@ -164,7 +164,7 @@ def vit_tome_macs(
     is that of the graph `mpdeploy.families.tome` runs, where block l merges between attention and
     MLP: qkv, proj and attention on N_l tokens, the MLP on N_l − r_l, plus the matching product
     |A|·|B|·head_dim and the one-hot merge products r_l·|B|·(dim + 1), |A| and |B| being the
-    alternate halves of the N_l − prefix patch tokens. (The brief's 59.81 % uses the first model.)
+    alternate halves of the N_l − prefix patch tokens. (The paper's 59.81 % uses the first model.)
     """
     merges = list(merges) if merges is not None else [r] * depth
     if len(merges) != depth or min(merges, default=0) < 0:

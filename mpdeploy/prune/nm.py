@@ -396,7 +396,8 @@ def build_report(
     calibration_images: int,
     reference_macs: int | None = None,
 ) -> dict[str, Any]:
-    """sparsity.json: per layer pattern, eligibility, achieved sparsity, MACs; totals (brief §6)."""
+    """sparsity.json: per layer pattern, eligibility, achieved sparsity, MACs; totals
+    (docs/sparsity.md)."""
     from mpdeploy.prune.macs import count_macs, mac_reduction, sparse_execution_macs
     from mpdeploy.prune.macs import theoretical_speedup as speedup_of
 

@@ -1,11 +1,11 @@
-"""Input-channel permutations for k:n, folded into the weights (brief §5.3; Pool & Yu 2021).
+"""Input-channel permutations for k:n, folded into the weights (docs/sparsity.md; Pool & Yu 2021).
 
 A channel group (`prune/groups.py`) names the tensors that write a set of channels (producer rows,
 biases, BatchNorm, GRN) and the weight that reads them (consumer columns). Reordering all of them
 with one permutation leaves the network's function unchanged, so the exported graph needs no extra
 op, while the consumer's k:n groups — consecutive runs of n input channels — get new members.
 
-Importance of channel j: ‖W_consumer[:, j]‖² · E[h_j²] (the brief's 2:4-code definition; for a conv
+Importance of channel j: ‖W_consumer[:, j]‖² · E[h_j²] (the paper's 2:4-code definition; for a conv
 consumer the norm runs over output channels and kernel pixels). Channels are sorted by importance
 and dealt round-robin: slot s of group g gets rank s·G + g, so each group holds one channel from
 each importance quantile.

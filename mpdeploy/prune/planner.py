@@ -451,7 +451,8 @@ def logit_effect(
     batch_size: int,
     dense_logits: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Per-sample ‖Δlogits‖∞ on the calibration batch and the margin certificate (brief §3.2).
+    """Per-sample ‖Δlogits‖∞ on the calibration batch and the margin certificate
+    (docs/pruning.md).
 
     `dense_logits`: the dense model's logits on `calib` where a pass already computed them.
     """

@@ -1,6 +1,7 @@
 """Short recovery of a pruned (and possibly N:M-sparse) model by distillation from the dense teacher.
 
-Recipe of brief §5.4: loss 0.5·CE(label smoothing 0.1) + 0.5·τ²·KL(teacher/τ ‖ student/τ) with
+The MP paper's distillation recipe (docs/pruning.md): loss 0.5·CE(label smoothing 0.1) +
+0.5·τ²·KL(teacher/τ ‖ student/τ) with
 τ = 2 on labelled data; on unlabelled images (a folder without class sub-folders, or the
 calibration batch itself) the loss is the KL term alone, τ²·KL, so no labels are ever needed; AdamW with no weight decay on biases, norms, pos_embed and cls_token; linear warm-up then
 cosine decay; gradient clipping. The architecture is frozen (widths do not change), and N:M masks,

@@ -1,5 +1,5 @@
 """The margin certificate: predictions whose dense top-1 margin exceeds twice the logit perturbation
-provably keep their label (brief §3.2, the "dense margin > 2 × perturbation" corollary)."""
+provably keep their label (docs/pruning.md; the "dense margin > 2 × perturbation" corollary)."""
 
 from __future__ import annotations
 
