@@ -78,6 +78,8 @@ def force_option(fn):
 
 
 def prune_options(fn):
+    from mpdeploy.pipeline import METHODS, BuildOptions
+
     fn = click.option(
         "--round-to",
         type=int,
@@ -93,11 +95,8 @@ def prune_options(fn):
     )(fn)
     fn = click.option(
         "--method",
-        type=click.Choice(
-            ["mp_fisher_taylor", "mp_fisher", "mp", "mp_taylor", "fisher", "magnitude"]
-            + ["random", "taylor"]
-        ),
-        default="mp_fisher_taylor",
+        type=click.Choice(list(METHODS)),
+        default=BuildOptions.method,
         show_default=True,
         help="Pruning criterion.",
     )(fn)
@@ -151,9 +150,11 @@ def engine_options(fn):
 
 
 def sparsity_option(fn):
+    from mpdeploy.pipeline import BuildOptions
+
     fn = click.option(
         "--sparsity-method",
-        default="cast",
+        default=BuildOptions.sparsity_method,
         show_default=True,
         help="How N:M picks the kept weights: cast, cast_fisher, magnitude, obs.",
     )(fn)

@@ -128,6 +128,8 @@ def test_mp_absolute_is_kept_for_the_comparison_but_is_not_a_cli_choice():
         if param.name == "method" and isinstance(param.type, click.Choice)
     ]
     assert choices and all("mp" in c and "mp_absolute" not in c for c in choices)
+    # every other registered criterion is offered, and nothing the registry lacks
+    assert all(set(c) == set(CRITERIA) - {"mp_absolute"} for c in choices)
 
 
 def test_fisher_scores_a_constant_unit_zero_after_bias_compensation():
