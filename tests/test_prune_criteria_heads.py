@@ -63,3 +63,24 @@ def test_mp_taylor_divides_taylor_by_the_square_root_of_the_budget_weight():
 
 def test_the_default_criterion_is_mp_fisher_taylor():
     assert PruneConfig(0.5).method == "mp_fisher_taylor"
+
+
+def test_one_forward_per_batch_gives_the_taylor_scores_of_a_taylor_pass_of_their_own():
+    model = make_model("test_vit", {"num_heads": 4})
+    calib = torch.randn(6, *input_size(model), generator=torch.Generator().manual_seed(3))
+    groups = get_family(model).channel_groups(model)
+    heads = [g for g in groups if g.kind == "attn_heads"]
+    ctx = ScoringContext(calib, {}, batch_size=3)
+    forwards = []
+    handle = model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        fisher, fused = MPFisherTaylorCriterion()._scores(model, groups, ctx, heads)
+    finally:
+        handle.remove()
+    assert len(forwards) == 2  # 6 images in batches of 3: one forward each, two backwards
+    alone = TaylorCriterion().unit_scores(model, heads, ctx)
+    assert set(fused) == {g.name for g in heads}
+    for g in heads:
+        np.testing.assert_allclose(fused[g.name], alone[g.name], rtol=1e-12, atol=0)
+    reference = MPFisherCriterion().unit_scores(model, groups, ctx)
+    assert all(np.array_equal(fisher[name], reference[name]) for name in reference)

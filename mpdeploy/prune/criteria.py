@@ -209,26 +209,57 @@ class FisherCriterion(Criterion):
     temperature: ClassVar[float] = 1.0
 
     def unit_scores(self, model, groups, ctx):
+        return self._scores(model, groups, ctx, taylor_groups=())[0]
+
+    def _scores(
+        self,
+        model: nn.Module,
+        groups: list[ChannelGroup],
+        ctx: ScoringContext,
+        taylor_groups: list[ChannelGroup],
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The Fisher scores of `groups` and, from a second backward pass of the same forward
+        (the graph is kept), the `taylor` scores of `taylor_groups`: exactly what a `taylor`
+        pass of its own would give, at the cost of a backward instead of a forward and a
+        backward."""
         first = {g.name: [] for g in groups}  # per batch (B, width): Σ g·h
         grad_sums = {g.name: [] for g in groups}  # per batch (B, width): Σ g
         means = {g.name: _ChannelMean() for g in groups}
+        taylor = {g.name: torch.zeros(g.units, dtype=torch.float64) for g in taylor_groups}
+        phase = ["fisher"]  # which backward is running: "fisher" or "taylor"
 
         def observe(group: ChannelGroup, module: nn.Module, x: torch.Tensor) -> None:
             means[group.name].add(module, x.detach())
 
             def on_grad(grad: torch.Tensor, x=x.detach(), group=group, module=module) -> None:
-                first[group.name].append(_per_sample_channel_sums(module, x * grad).double())
-                grad_sums[group.name].append(_per_sample_channel_sums(module, grad).double())
+                if phase[0] == "fisher":
+                    first[group.name].append(_per_sample_channel_sums(module, x * grad).double())
+                    grad_sums[group.name].append(_per_sample_channel_sums(module, grad).double())
+                elif group.name in taylor:
+                    per_channel = _per_sample_channel_sums(module, x * grad)  # (B, width)
+                    unit = per_channel.view(per_channel.shape[0], group.units, group.unit).sum(2)
+                    taylor[group.name] += unit.abs().double().sum(0)
 
             x.register_hook(on_grad)
 
         generator = torch.Generator().manual_seed(ctx.seed)
+        images = 0
         with _grad_enabled(model), _consumer_inputs(model, groups, observe):
             for batch in _batches(ctx):
-                logits = model(batch) / self.temperature
+                raw = model(batch)
+                logits = raw / self.temperature
                 probs = torch.softmax(logits.detach().double(), 1)
                 labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-                nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
+                phase[0] = "fisher"
+                nn.functional.cross_entropy(logits, labels, reduction="sum").backward(
+                    retain_graph=bool(taylor)
+                )
+                if taylor:  # `taylor`'s loss: cross-entropy against the model's own top-1
+                    phase[0] = "taylor"
+                    nn.functional.cross_entropy(
+                        raw, raw.argmax(1).detach(), reduction="sum"
+                    ).backward()
+                images += batch.shape[0]
         model.zero_grad(set_to_none=True)
         weights = dict(ctx.budget_weights) if self.uses_budget_weights else {}
         scores = {}
@@ -238,7 +269,7 @@ class FisherCriterion(Criterion):
             per_unit = change.view(change.shape[0], g.units, g.unit).sum(2)
             weight = float(weights.get(g.consumer_module, 1.0))
             scores[g.name] = (per_unit.pow(2).mean(0) / weight).numpy()
-        return scores
+        return scores, {name: (total / images).numpy() for name, total in taylor.items()}
 
 
 class MPFisherCriterion(FisherCriterion):
@@ -253,17 +284,15 @@ class MPFisherTaylorCriterion(MPFisherCriterion):
     kept, so the plan's allocation is that of `mp_fisher`); only which heads go follows the
     first-order Taylor ranking. On the suite's ViTs the sampled-label Fisher chose heads badly
     and unstably across seeds (vit_t 70 %: 84–91 % val top-1 over seeds 0–2, `taylor` 91.3 %);
-    CNNs have no heads and get exactly the `mp_fisher` plan.
+    CNNs have no heads and get exactly the `mp_fisher` plan. Both come from one forward pass per
+    batch with two backward passes (Fisher's sampled labels, then Taylor's top-1 labels).
     """
 
     name = "mp_fisher_taylor"
 
     def unit_scores(self, model, groups, ctx):
-        scores = super().unit_scores(model, groups, ctx)
         heads = [g for g in groups if g.kind == "attn_heads"]
-        if not heads:
-            return scores
-        order = TaylorCriterion().unit_scores(model, heads, ctx)
+        scores, order = self._scores(model, groups, ctx, taylor_groups=heads)
         for g in heads:
             reordered = np.empty_like(scores[g.name])
             reordered[np.argsort(order[g.name], kind="stable")] = np.sort(scores[g.name])
