@@ -238,6 +238,33 @@ def test_budget_share_ends_a_noisy_batch_and_skips_one_that_cannot_fit():
     assert 256 not in times["dense"]
 
 
+def test_a_batch_priced_out_of_the_budget_runs_not_even_its_warm_up():
+    # batch 1 prices a pair at ~3 ms; batch 64 is priced linearly at ~0.19 s a pair, so its
+    # warm-up and 5 minimum pairs (~1.2 s) cannot fit in 0.5 s: it is skipped before it runs,
+    # and batch 1, the only batch size expected to fit, gets the whole budget as its share.
+    seen: list[int] = []
+
+    class Logging(_SleepingRunner):
+        def infer_impl(self, feed_dict):
+            seen.append(int(feed_dict["input"].shape[0]))
+            return super().infer_impl(feed_dict)
+
+    def feed(batch):
+        return {"input": np.zeros((batch, 1), np.float32)}
+
+    calls: list[str] = []
+    runners = {
+        "dense": TimedRunner(Logging("dense", 0.002, calls), feed),
+        "pruned": TimedRunner(Logging("pruned", 0.001, calls), feed),
+    }
+    _, stops = measure_budgeted(
+        runners, (1, 64), budget_seconds=0.5, warmup=1, min_pairs=5, progress=False
+    )
+    assert 64 not in seen
+    assert stops[64]["status"] == "skipped" and "priced from batch 1" in stops[64]["reason"]
+    assert stops[1]["status"] == "converged" and stops[1]["share_seconds"] > 0.4
+
+
 # --- the build-directory benchmark on ONNX Runtime --------------------------------------------
 
 

@@ -247,14 +247,27 @@ def measure_budgeted(
         for timed in runners.values():
             stack.enter_context(timed.runner)
         start = time.perf_counter()
+        rounds = max(warmup, 1)  # ≥ 1 warm-up round: it also prices one pair
+        priced: tuple[int, float] | None = None  # (batch, seconds of one pair) last measured
         for position, batch in enumerate(batches):
+            left = budget_seconds - (time.perf_counter() - start)
+            if priced is not None:  # price it from the last batch size, before any warm-up
+                guess = priced[1] * batch / priced[0]
+                if (rounds + min_pairs) * guess > left:
+                    stops[batch] = {
+                        "status": "skipped",
+                        "reason": f"{min_pairs} pairs and {rounds} warm-up need ~"
+                        f"{(rounds + min_pairs) * guess:.1f} s (priced from batch {priced[0]}), "
+                        f"{max(left, 0):.1f} s of the {budget_seconds:g} s budget left",
+                    }
+                    continue
             feeds = {n: runners[n].feed(batch) for n in names}
             round_start = time.perf_counter()
-            for _ in range(max(warmup, 1)):  # ≥ 1 round: it also prices one pair
+            for _ in range(rounds):
                 _run_round(runners, feeds, names, None, batch, shift=0)
-            pair_seconds = (time.perf_counter() - round_start) / max(warmup, 1)
+            pair_seconds = (time.perf_counter() - round_start) / rounds
+            priced = (batch, pair_seconds)
             left = budget_seconds - (time.perf_counter() - start)
-            share = left / (len(batches) - position)
             if position > 0 and min_pairs * pair_seconds > left:
                 stops[batch] = {
                     "status": "skipped",
@@ -262,6 +275,10 @@ def measure_budgeted(
                     f"{max(left, 0):.1f} s of the {budget_seconds:g} s budget left",
                 }
                 continue
+            # this batch's share: what is left over the batch sizes still expected to fit
+            share = left / _expected_to_fit(
+                batches[position:], left, pair_seconds / batch, min_pairs, rounds
+            )
             for n in names:
                 times[n][batch] = []
             batch_start, status, pairs = time.perf_counter(), "max_pairs", 0
@@ -292,6 +309,20 @@ def measure_budgeted(
                 else None,
             }
     return times, stops
+
+
+def _expected_to_fit(
+    batches: tuple[int, ...], left: float, pair_per_image: float, min_pairs: int, rounds: int
+) -> int:
+    """How many of `batches` (the first already warmed up) fit their minimum pairs (and the
+    others their warm-up) in `left` seconds, in order, priced linearly in the batch size."""
+    count, need = 0, 0.0
+    for i, batch in enumerate(batches):
+        cost = pair_per_image * batch * (min_pairs + (rounds if i else 0))
+        if need + cost <= left:
+            need += cost
+            count += 1
+    return max(count, 1)
 
 
 def _run_round(runners, feeds, names, times, batch: int, shift: int) -> None:
