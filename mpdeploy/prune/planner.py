@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -26,6 +27,8 @@ from mpdeploy.errors import UserError
 from mpdeploy.families import get_family
 from mpdeploy.families.groups import ChannelGroup
 from mpdeploy.prune.compensate import DEFAULT_COMPENSATION, parse_compensation
+
+log = logging.getLogger(__name__)
 
 MIN_CHANNELS = 8  # never keep fewer neurons/channels in a layer (heads: at least one)
 MIN_SCORE_IMAGES = 32  # the score passes read at least this many calibration images (if given)
@@ -106,6 +109,14 @@ def prune_model(
     dense_count = count_macs(model, (1, *input_shape))
     unit_macs = estimate_unit_macs(model, groups, family, dense_count)
     split = calibration_split(calib, dense_count.total_macs, config)
+    if split["score_images"] < split["images"] or split["compensate_images"] < split["images"]:
+        log.info(
+            "prune: scores read %d and compensation %d of the %d calibration images "
+            "(MAC budgets of the passes, docs/pruning.md)",
+            split["score_images"],
+            split["compensate_images"],
+            split["images"],
+        )
     score_calib = None if calib is None else calib[: split["score_images"]]
     comp_calib = None if calib is None else calib[: split["compensate_images"]]
     ctx = ScoringContext(
