@@ -72,11 +72,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 class PassCounter:
     """Images through the dense and the pruned network (root-module forwards; the planner's
-    batch-1 MAC counts apart), split by whether autograd recorded them (a backward follows)."""
+    batch-1 MAC counts apart), split by whether autograd recorded them, and the images of every
+    backward pass through the dense logits (`mp_fisher_taylor` runs two per forward)."""
 
     def __init__(self, dense, calib_shape):
         self.dense, self.shape = dense, tuple(calib_shape[1:])
-        self.images = {"dense": 0, "dense_with_grad": 0, "pruned": 0, "mac_count_forwards": 0}
+        self.images = {
+            "dense": 0,
+            "dense_with_grad": 0,
+            "dense_backward": 0,
+            "pruned": 0,
+            "mac_count_forwards": 0,
+        }
 
     def __call__(self, module, inputs, output):
         import torch
@@ -90,8 +97,12 @@ class PassCounter:
             self.images["pruned"] += x.shape[0]
         elif torch.is_grad_enabled() and getattr(output, "requires_grad", False):
             self.images["dense_with_grad"] += x.shape[0]
+            output.register_hook(lambda grad: self._backward(grad.shape[0]))
         else:
             self.images["dense"] += x.shape[0]
+
+    def _backward(self, images: int) -> None:
+        self.images["dense_backward"] += images
 
 
 def prune_stage(args: argparse.Namespace) -> dict:
@@ -146,10 +157,11 @@ def prune_stage(args: argparse.Namespace) -> dict:
         "total_cpu_s": sum(p["cpu_s"] for p in phases.values()),
         "passes": passes,
         "mac_count_forwards": counter.images["mac_count_forwards"],
-        # a forward of the dense network = 1; autograd passes add their backward (activation
-        # gradients only: ≈ 1 more); a pruned pass costs its MAC ratio
+        # a forward of the dense network = 1, a backward (activation gradients only) ≈ 1 more;
+        # a pruned pass costs its MAC ratio
         "forward_equivalents": passes["dense"]
-        + 2 * passes["dense_with_grad"]
+        + passes["dense_with_grad"]
+        + passes["dense_backward"]
         + ratio * passes["pruned"],
         "headline": result.headline,
         "compensation_seconds": result.plan["compensation"].get("seconds"),
