@@ -43,12 +43,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpdeploy.errors import UserError
+from mpdeploy.prune.nm_solve import solve_masked
 
 log = logging.getLogger(__name__)
 
 PARTS = ("bias", "lsq", "bn")
 COMPENSATIONS = ("none", "bias", "lsq", "bn", "bias+bn", "lsq+bn")
 DEFAULT_COMPENSATION = "lsq+bn"
+NM_SOLVERS = ("auto", "cg", "exact")
+EXACT_NM_FLOPS = 2e9  # per-row Cholesky work (rows · unknowns³ / 3) below which `auto` is exact
 MAX_LSQ_FEATURES = 4608  # im2col width above which an N:M conv gets `bias` instead of `lsq`
 
 
@@ -63,9 +66,17 @@ class CompensateConfig:
     # columns only (each layer corrects its own cut); "pruned" = the uncompensated pruned
     # network's (each layer also corrects upstream cuts, which their own fits correct again)
     inputs: str = "dense"
+    # how an N:M layer's rows are solved on their supports: "cg" = all rows at once by batched
+    # conjugate gradients on the shared Gram (prune/nm_solve.py), "exact" = a Cholesky per row,
+    # "auto" = exact where that costs ≤ EXACT_NM_FLOPS, cg above
+    nm_solver: str = "auto"
 
     def __post_init__(self):
         parse_compensation(self.method)
+        if self.nm_solver not in NM_SOLVERS:
+            raise UserError(
+                f"nm_solver must be one of {', '.join(NM_SOLVERS)} (got {self.nm_solver})"
+            )
         if self.inputs not in ("dense", "pruned"):
             raise UserError(f"compensation inputs must be 'dense' or 'pruned' (got {self.inputs})")
         if self.ridge < 0:
@@ -129,7 +140,13 @@ def compensate(
         for layer in layers:
             part = "bias" if layer.name in ill_posed else fit_part
             entry = refit_layer(
-                pruned, layer, stats[layer.name], part, config.ridge, norm=norms.get(layer.name)
+                pruned,
+                layer,
+                stats[layer.name],
+                part,
+                config.ridge,
+                norm=norms.get(layer.name),
+                solver=config.nm_solver,
             )
             if layer.name in ill_posed:
                 entry["lsq_needs_images"] = ill_posed[layer.name]
@@ -325,6 +342,7 @@ def refit_layer(
     ridge: float,
     *,
     norm: str | None = None,
+    solver: str = "auto",
 ) -> dict[str, Any]:
     module = pruned.get_submodule(layer.name)
     weight = module.weight.detach()
@@ -335,7 +353,11 @@ def refit_layer(
     entry: dict[str, Any] = {"fit": part, "rows": s.rows, "bias_into": bias_sink}
     bias = _current_bias(pruned, layer.name, bias_sink, weight.shape[0])
     if part == "lsq":
-        new_flat, new_bias = solve_lsq(s, layer.support, ridge, fit_bias=bias_sink is not None)
+        new_flat, new_bias = solve_lsq(
+            s, layer.support, ridge, fit_bias=bias_sink is not None, solver=solver, start=flat
+        )
+        if layer.support is not None:
+            entry["solver"] = nm_solver(layer.support, solver)
         if bias_sink is None:
             new_bias = bias
         entry["weight_change"] = float((new_flat - flat).norm() / flat.norm().clamp_min(1e-30))
@@ -355,10 +377,22 @@ def refit_layer(
 
 
 def solve_lsq(
-    s: _LayerStats, support: torch.Tensor | None, ridge: float, *, fit_bias: bool = True
+    s: _LayerStats,
+    support: torch.Tensor | None,
+    ridge: float,
+    *,
+    fit_bias: bool = True,
+    solver: str = "auto",
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """β = (X̃ᵀX̃ + λD)⁻¹ X̃ᵀY on each row's support; λ on the weights only, not the bias."""
+    """β = (X̃ᵀX̃ + λD)⁻¹ X̃ᵀY on each row's support; λ on the weights only, not the bias.
+
+    With a support, the `cg` solver solves all rows at once by conjugate gradients warm-started at
+    `start` (`nm_solve.solve_masked`); `exact` factorises each row's sub-Gram (`nm_solver`)."""
     gram, cross = s.gram, s.cross
+    if support is not None and nm_solver(support, solver) == "cg":
+        fast = solve_masked(gram, cross, support, ridge, fit_bias=fit_bias, start=start)
+        return fast.weight, fast.bias
     features = gram.shape[0] - 1
     if not fit_bias:  # no place for a bias: solve on the weight columns only
         gram, cross = gram[:-1, :-1], cross[:-1]
@@ -390,6 +424,15 @@ def solve_lsq(
             if fit_bias:
                 bias[chunk] = beta[:, count]
     return weight, bias
+
+
+def nm_solver(support: torch.Tensor, solver: str) -> str:
+    """'cg' or 'exact' for a layer with this support; `auto` is exact where it is cheap."""
+    if solver != "auto":
+        return solver
+    support = support.reshape(support.shape[0], -1)
+    unknowns = int(support.sum(1).max()) + 1 if support.numel() else 1
+    return "exact" if support.shape[0] * unknowns**3 / 3 <= EXACT_NM_FLOPS else "cg"
 
 
 def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
