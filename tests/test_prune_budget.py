@@ -58,3 +58,20 @@ def test_prune_model_scores_and_compensates_on_the_budgeted_images_only():
     assert dense == [32, 32, 32]  # the score pass, then compensation's dense pass (headline too)
     pruned = [n for is_dense, n in seen if not is_dense and n > 1]
     assert pruned == [32, 32]  # the headline's pruned logits on the compensation images
+
+
+@pytest.mark.parametrize(("calib_macs", "read"), [(0.0, 64), (None, 80)])
+def test_sparsify_reads_the_budgeted_images(calib_macs, read):
+    from mpdeploy.prune.nm import SparsityConfig, sparsify
+
+    model = make_model("test_vit", {})
+    calib = torch.randn(80, *input_size(model), generator=torch.Generator().manual_seed(0))
+    config = SparsityConfig(2, 4, method="magnitude", compensate="bias", calib_macs=calib_macs)
+    result = sparsify(model, calib, config, input_shape=input_size(model))
+    assert result.report["calibration_budget"] == {
+        "images": 80,
+        "read": read,
+        "calib_macs": calib_macs,
+    }
+    assert result.report["calibration_images"] == read
+    assert result.report["compensation"]["calibration_images"] == read

@@ -38,6 +38,7 @@ MASKS_FILE = Path("pruned") / "masks.safetensors"
 NATIVE_PATTERN = (2, 4)  # the only pattern with a TensorRT sparse kernel (and Polygraphy check)
 NOT_CHECKABLE = "not checkable (only 2:4 has a TensorRT kernel)"
 POLYGRAPHY_TIMEOUT_S = 1800
+MIN_BUDGET_IMAGES = 64  # the calibration passes read at least this many images (if given)
 _FOUND = re.compile(r"Found (sparse|non-sparse) tensor: (\S+)")
 
 
@@ -64,9 +65,16 @@ class SparsityConfig:
     # closed-form re-fit of the kept weights after projection (prune/compensate.py): each output
     # row's kept slots by least squares against the dense layer (`lsq`), BatchNorm re-estimated
     compensate: str = "lsq+bn"
+    # work budget of the calibration passes in dense MACs, as `PruneConfig.compensate_macs`:
+    # the stage reads the first ⌊calib_macs / MACs per image⌋ images (at least 64); None = all.
+    # ViT-B/16: 68 of 256; the suite's digits models: every image.
+    calib_macs: float | None = 1.2e12
 
     def __post_init__(self):
         from mpdeploy.prune.compensate import parse_compensation
+
+        if self.calib_macs is not None and not self.calib_macs >= 0:
+            raise UserError(f"calib_macs must be ≥ 0 or None (got {self.calib_macs})")
 
         parse_compensation(self.compensate)
         if not 0 < self.k < self.n <= 16:
@@ -156,7 +164,9 @@ def sparsify(
     `reference_macs` (the dense model's, when `model` merges tokens) adds the combined reduction.
     """
     model = copy.deepcopy(model).eval()
-    images = calib_images.float()
+    images = calib_images.float()[
+        : budget_images(model, calib_images.shape[0], config, input_shape)
+    ]
     timing: dict[str, float] = {}
     layouts = layer_layouts(
         model, config.n, include_classifier=config.include_classifier, image_channels=input_shape[0]
@@ -232,9 +242,34 @@ def sparsify(
         calibration_images=images.shape[0],
         reference_macs=reference_macs,
     )
+    report["calibration_budget"] = {
+        "images": int(calib_images.shape[0]),
+        "read": int(images.shape[0]),
+        "calib_macs": config.calib_macs,
+    }
     report["timing_s"] = {key: round(value, 3) for key, value in timing.items()}
     report["compensation"] = compensation
     return SparsifyResult(model, report, headline_of(report), masks)
+
+
+def budget_images(
+    model: nn.Module, have: int, config: SparsityConfig, input_shape: tuple[int, ...]
+) -> int:
+    """How many of `have` calibration images the stage reads under `config.calib_macs`."""
+    if config.calib_macs is None or have <= MIN_BUDGET_IMAGES:
+        return have
+    from mpdeploy.prune.macs import count_macs
+
+    per_image = max(float(count_macs(model, (1, *input_shape)).total_macs), 1.0)
+    count = min(have, max(MIN_BUDGET_IMAGES, int(config.calib_macs // per_image)))
+    if count < have:
+        log.info(
+            "sparsify: the calibration passes read %d of the %d images (MAC budget, "
+            "docs/pruning.md)",
+            count,
+            have,
+        )
+    return count
 
 
 def _compensate(reference, model, images, masks, config: SparsityConfig) -> dict[str, Any]:
