@@ -236,14 +236,17 @@ def photo_crops(names: Iterable[str], count: int, seed: int) -> list:
 
 @functools.lru_cache(maxsize=2)
 def calibration(key: str) -> torch.Tensor:
-    """Seed-0 calibration batch: fit-split digits, or crops of the builtin (non-eval) photos."""
+    """Seed-0 calibration batch: fit-split digits, or crops of the 14 non-eval photos of
+    `lite0_calibration.WIDE_PHOTOS` (until 2026-11-27 20:30 UTC: the 3 `builtin` photos, on which
+    lite0 at 30 % kept 3.1 % val agreement instead of 41.7 %; docs/pruning.md, "Diagnosis")."""
+    from lite0_calibration import calibration_images
     from PIL import Image
 
-    from mpdeploy.data.calibration import eval_transform, load_calibration
+    from mpdeploy.data.calibration import eval_transform
 
     suite = load_model(key)
     if suite.metric == "agreement":
-        return load_calibration("builtin", SETTINGS.calib_size, suite.data_config).images
+        return calibration_images(SETTINGS.calib_size, suite.data_config)
     images, _ = train_suite.split_arrays("fit")
     order = np.random.default_rng(0).permutation(len(images))[: SETTINGS.calib_size]
     transform = eval_transform(suite.data_config)
@@ -431,6 +434,17 @@ def _tp_prune_at(
 # --- recovery ------------------------------------------------------------------------------------
 
 
+RECIPE_FIELDS = (
+    "batch_size",
+    "lr",
+    "warmup_fraction",
+    "crop_scale",
+    "freeze_norms",
+    "tau",
+    "alpha",
+)
+
+
 def recovered(key: str, pruned: Pruned, epochs: int, seed: int) -> tuple[torch.nn.Module, dict]:
     from mpdeploy.prune.recover import RecoverConfig, recover
 
@@ -442,7 +456,11 @@ def recovered(key: str, pruned: Pruned, epochs: int, seed: int) -> tuple[torch.n
         train, what = fit_folder(), "digits fit split (1,137 labelled images)"
     student = copy.deepcopy(pruned.model)
     result = recover(student, suite.model, train, suite.data_config, config, masks=pruned.masks)
-    return result.model, {"train": what}
+    # cells are cached by name: the record says which recipe (RecoverConfig) made this one
+    recipe = {k: result.record["config"][k] for k in RECIPE_FIELDS if k in result.record["config"]}
+    recipe["batch_size"] = result.record.get("batch_size", recipe.get("batch_size"))
+    info = {"train": what, "recover_steps": result.record["steps"], "recover_recipe": recipe}
+    return result.model, info
 
 
 # --- cells ---------------------------------------------------------------------------------------
