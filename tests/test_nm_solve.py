@@ -90,6 +90,8 @@ def test_compensate_with_cg_keeps_the_mask_and_the_exact_solution():
 
 def test_auto_solver_is_exact_only_where_it_is_cheap():
     assert nm_solver(torch.ones(4, 8, dtype=torch.bool), "auto") == "exact"
+    assert nm_solver(_two_of_four(3072, 508), "auto") == "exact"  # 254 weights + the bias
+    assert nm_solver(_two_of_four(4, 512), "auto") == "cg"
     assert nm_solver(_two_of_four(768, 3072), "auto") == "cg"  # a ViT-B/16 mlp.fc2
     assert nm_solver(_two_of_four(768, 3072), "exact") == "exact"
     with pytest.raises(UserError, match="nm_solver must be one of"):

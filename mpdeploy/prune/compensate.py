@@ -51,7 +51,10 @@ PARTS = ("bias", "lsq", "bn")
 COMPENSATIONS = ("none", "bias", "lsq", "bn", "bias+bn", "lsq+bn")
 DEFAULT_COMPENSATION = "lsq+bn"
 NM_SOLVERS = ("auto", "cg", "exact")
-EXACT_NM_FLOPS = 2e9  # per-row Cholesky work (rows · unknowns³ / 3) below which `auto` is exact
+# `auto` solves N:M rows exactly up to this many unknowns per row, by CG above: per row, Cholesky
+# costs ~u³/3 float64 flops and 50 CG steps ~400·u² float32 ones (scripts/nm_lsq_bench.py: at
+# u = 385, a ViT-B/16 attn.proj, CG took 7.0 CPU-s against 13.3 for the exact solve)
+EXACT_NM_UNKNOWNS = 256
 MAX_LSQ_FEATURES = 4608  # im2col width above which an N:M conv gets `bias` instead of `lsq`
 
 
@@ -68,7 +71,7 @@ class CompensateConfig:
     inputs: str = "dense"
     # how an N:M layer's rows are solved on their supports: "cg" = all rows at once by batched
     # conjugate gradients on the shared Gram (prune/nm_solve.py), "exact" = a Cholesky per row,
-    # "auto" = exact where that costs ≤ EXACT_NM_FLOPS, cg above
+    # "auto" = exact up to EXACT_NM_UNKNOWNS unknowns per row, cg above
     nm_solver: str = "auto"
 
     def __post_init__(self):
@@ -432,7 +435,7 @@ def nm_solver(support: torch.Tensor, solver: str) -> str:
         return solver
     support = support.reshape(support.shape[0], -1)
     unknowns = int(support.sum(1).max()) + 1 if support.numel() else 1
-    return "exact" if support.shape[0] * unknowns**3 / 3 <= EXACT_NM_FLOPS else "cg"
+    return "exact" if unknowns <= EXACT_NM_UNKNOWNS else "cg"
 
 
 def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
