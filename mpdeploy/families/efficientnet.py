@@ -14,6 +14,8 @@ head conv's channels through its norm into the classifier's columns.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 # the package mpdeploy.families applies the torchvision shim before this timm import
@@ -34,6 +36,19 @@ from mpdeploy.families.resnet import BN_TENSORS
 
 # blocks with no channel of their own: their input and output are block (residual) widths
 PASS_THROUGH_BLOCKS = (ConvBnAct, DepthwiseSeparableConv)
+
+
+@dataclasses.dataclass(frozen=True)
+class SkiplessGroup(ChannelGroup):
+    """The expansion channels of a block *without* a skip connection (a stage's first block:
+    stride 2 or a new width). Its output replaces the stream instead of adding to it, so nothing
+    carries the dense signal past its cut. The planner cuts such groups last (`plan_tier` 1,
+    `prune.planner.plan_tier`): only when the other groups cannot reach the target alone.
+    Measured on efficientnet-lite0 with real weights, 30 % MAC reduction, `mp_fisher_taylor` +
+    `lsq+bn` (docs/pruning.md, "Diagnosis"): top-1 agreement with dense on 96 held-out crops
+    41.7 → 55.2 % (14-photo calibration), 3.1 → 10.4 % (the 3 builtin photos)."""
+
+    plan_tier: int = 1
 
 
 @register_family
@@ -98,7 +113,9 @@ def _inverted_residual_group(block: InvertedResidual, path: str) -> ChannelGroup
         *_conv_rows(block.conv_dw, f"{path}.conv_dw"),
         *_batch_norm(block.bn2, f"{path}.bn2"),
     ]
-    return _expansion_group(block.conv_pw, producers, block.se, path, "conv_pwl", "conv_pw")
+    return _expansion_group(
+        block.conv_pw, producers, block.se, path, "conv_pwl", "conv_pw", block.has_skip
+    )
 
 
 def _edge_residual_group(block: EdgeResidual, path: str) -> ChannelGroup:
@@ -108,7 +125,9 @@ def _edge_residual_group(block: EdgeResidual, path: str) -> ChannelGroup:
         *_conv_rows(block.conv_exp, f"{path}.conv_exp"),
         *_batch_norm(block.bn1, f"{path}.bn1"),
     ]
-    return _expansion_group(block.conv_exp, producers, block.se, path, "conv_pwl", "conv_exp")
+    return _expansion_group(
+        block.conv_exp, producers, block.se, path, "conv_pwl", "conv_exp", block.has_skip
+    )
 
 
 def _expansion_group(
@@ -118,9 +137,10 @@ def _expansion_group(
     path: str,
     consumer: str,
     block_input: str,
+    has_skip: bool,
 ) -> ChannelGroup:
     se_producers, se_consumers = _squeeze_excite(se, f"{path}.se")
-    return ChannelGroup(
+    return (ChannelGroup if has_skip else SkiplessGroup)(
         name=path,
         kind="conv_inner",
         width=int(expansion.out_channels),

@@ -336,8 +336,20 @@ def rank_chunks(
             start += size
             size = step
     index = {g.name: i for i, g in enumerate(groups)}
+    tier = {g.name: plan_tier(g) for g in groups}
     # stable within a group: its chunks come in ascending score order, so any prefix is valid
-    return sorted(chunks, key=lambda c: (c.priority, index[c.group]))
+    return sorted(chunks, key=lambda c: (tier[c.group], c.priority, index[c.group]))
+
+
+def plan_tier(group: ChannelGroup) -> int:
+    """Groups of a higher tier are cut only after every chunk of the lower tiers is ranked.
+
+    0 unless the family marks the group (`plan_tier` attribute), e.g. EfficientNet's blocks
+    without a skip connection (`families.efficientnet.SkiplessGroup`): their chunks come after
+    all others, so a target that the other groups can reach leaves them whole, and a deeper
+    target still reaches them.
+    """
+    return int(getattr(group, "plan_tier", 0))
 
 
 def choose_chunks(
