@@ -11,8 +11,9 @@ the bundled demo ViT and efficientnet-lite0 with real ImageNet weights. Digits m
 by top-1 against the labels of the `val` (300 train-split images, never trained on by the suite
 models) or `test` split (the 360-image digits test split); efficientnet-lite0 by top-1
 AGREEMENT with its dense self on seeded crops of scikit-image photos (val: astronaut, chelsea,
-coffee; test: rocket, motorcycle, hubble, retina), calibrated on crops of the other bundled photos
-(scikit-learn's and matplotlib's: `load_calibration("builtin")`).
+coffee; test: rocket, motorcycle, hubble, retina), calibrated on crops of the 14 other photos
+that ship in the environment (scikit-learn's, matplotlib's and the remaining scikit-image ones:
+`lite0_calibration.WIDE_PHOTOS`; before 2026-11-27 20:30 UTC only the 3 of `builtin`).
 
 Cells (`run_cell`): one model, one method, one compensation, one target, 0 or 1 recovery epochs,
 one seed, one split. Methods are read from the code: every `mpdeploy.prune` criterion, Torch-Pruning
