@@ -192,7 +192,10 @@ def tome_options(fn):
 
 def recover_options(fn):
     fn = click.option(
-        "--train", default=None, help="Labelled image folder (or 'demo') for recovery distillation."
+        "--train",
+        default=None,
+        help="Images for recovery distillation: a labelled folder (one sub-folder per class; "
+        "'demo' = digits) or unlabelled images (KL to the dense model only).",
     )(fn)
     fn = click.option(
         "--recover-epochs",
