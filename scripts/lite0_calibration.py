@@ -11,6 +11,9 @@ and stays out.
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +61,19 @@ def calibration_images(count: int, data_config: dict[str, Any], seed: int = 0) -
     photos = [Image.open(path).convert("RGB") for path in photo_paths()]
     transform = eval_transform(data_config)
     return torch.stack([transform(c) for c in random_crops(photos, count, seed=seed)])
+
+
+def jsonl_emitter(out: Path) -> Callable[..., None]:
+    """emit(**record): print the record as one JSON line, with seconds since this call as "t",
+    and append it to out/log.jsonl (the diagnosis scripts' log)."""
+    start = time.time()
+
+    def emit(**rec: Any) -> None:
+        rec["t"] = round(time.time() - start, 1)
+        line = json.dumps(rec)
+        print(line, flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "log.jsonl", "a") as log:
+            log.write(line + "\n")
+
+    return emit

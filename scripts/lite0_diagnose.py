@@ -15,21 +15,19 @@ first NHELD of that script's seeded crops.
 
 import copy
 import dataclasses
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import torch  # noqa: E402
+from lite0_calibration import jsonl_emitter  # noqa: E402
 
 import mpdeploy.models  # noqa: E402,F401
 
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
-T0 = time.time()
 STEPS = os.environ.get("STEPS", "sanity,grid,nm,sens").split(",")
 NCAL = int(os.environ.get("NCAL", "128"))
 NHELD = int(os.environ.get("NHELD", "280"))
@@ -38,13 +36,7 @@ COMPS = os.environ.get("COMPS", "none,bias,bn,bias+bn,lsq,lsq+bn").split(",")
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 
 
-def emit(**rec):
-    rec["t"] = round(time.time() - T0, 1)
-    line = json.dumps(rec)
-    print(line, flush=True)
-    OUT.mkdir(parents=True, exist_ok=True)
-    with open(OUT / "log.jsonl", "a") as log:
-        log.write(line + "\n")
+emit = jsonl_emitter(OUT)
 
 
 def lite0():

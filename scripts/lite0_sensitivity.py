@@ -22,7 +22,6 @@ import copy
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import accuracy_suite as suite  # noqa: E402
 import torch  # noqa: E402
+from lite0_calibration import jsonl_emitter  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "/tmp/lite0_sensitivity"))
 STEPS = os.environ.get("STEPS", "dense,zero,plan,sens").split(",")
@@ -41,17 +41,10 @@ METHOD = os.environ.get("METHOD", "")  # default: PruneConfig's
 SPLIT = os.environ.get("SPLIT", "val")
 CALIB = os.environ.get("CALIB", "wide")  # "wide": lite0_calibration.WIDE_PHOTOS, or "builtin"
 CALIB_SIZE = int(os.environ.get("CALIB_SIZE", "128"))
-T0 = time.time()
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 
 
-def emit(**rec):
-    rec["t"] = round(time.time() - T0, 1)
-    line = json.dumps(rec)
-    print(line, flush=True)
-    OUT.mkdir(parents=True, exist_ok=True)
-    with open(OUT / "log.jsonl", "a") as log:
-        log.write(line + "\n")
+emit = jsonl_emitter(OUT)
 
 
 def main() -> None:
