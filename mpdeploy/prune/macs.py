@@ -190,3 +190,12 @@ def vit_tome_macs(
     return ViTMacs(
         total, keep_fraction * block_linear, attention, patch_embed, head, counts, matching
     )
+
+
+def images_within(budget: float | None, macs_per_image: float, have: int, floor: int) -> int:
+    """How many of `have` calibration images a pass reads under a MAC `budget`: as many as fit
+    (⌊budget / macs_per_image⌋), at least `floor`, at most `have`; every image when the budget is
+    None. Shared by the prune stage's and the N:M stage's budgets (docs/pruning.md)."""
+    if budget is None:
+        return have
+    return min(have, max(floor, int(budget // max(macs_per_image, 1.0))))

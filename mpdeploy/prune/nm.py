@@ -258,10 +258,10 @@ def budget_images(
     """How many of `have` calibration images the stage reads under `config.calib_macs`."""
     if config.calib_macs is None or have <= MIN_BUDGET_IMAGES:
         return have
-    from mpdeploy.prune.macs import count_macs
+    from mpdeploy.prune.macs import count_macs, images_within
 
-    per_image = max(float(count_macs(model, (1, *input_shape)).total_macs), 1.0)
-    count = min(have, max(MIN_BUDGET_IMAGES, int(config.calib_macs // per_image)))
+    per_image = float(count_macs(model, (1, *input_shape)).total_macs)
+    count = images_within(config.calib_macs, per_image, have, MIN_BUDGET_IMAGES)
     if count < have:
         log.info(
             "sparsify: the calibration passes read %d of the %d images (MAC budget, "

@@ -207,17 +207,15 @@ def calibration_split(
     at least MIN_COMPENSATE_IMAGES, both at most all of them. Small models use every image; on
     2 CPU cores ViT-B/16 would otherwise spend ~1.2 s per image in the score passes alone.
     """
+    from mpdeploy.prune.macs import images_within
+
     have = 0 if calib is None else int(calib.shape[0])
-
-    def images(budget: float | None, floor: int) -> int:
-        if budget is None:
-            return have
-        return min(have, max(floor, int(budget // max(dense_macs, 1.0))))
-
     return {
         "images": have,
-        "score_images": images(config.score_macs, MIN_SCORE_IMAGES),
-        "compensate_images": images(config.compensate_macs, MIN_COMPENSATE_IMAGES),
+        "score_images": images_within(config.score_macs, dense_macs, have, MIN_SCORE_IMAGES),
+        "compensate_images": images_within(
+            config.compensate_macs, dense_macs, have, MIN_COMPENSATE_IMAGES
+        ),
         "score_macs_budget": config.score_macs,
         "compensate_macs_budget": config.compensate_macs,
         "dense_macs_per_image": dense_macs,
