@@ -159,9 +159,7 @@ class TaylorCriterion(Criterion):
 
         def observe(group: ChannelGroup, module: nn.Module, x: torch.Tensor) -> None:
             def on_grad(grad: torch.Tensor, x=x.detach(), group=group, module=module) -> None:
-                per_channel = _per_sample_channel_sums(module, x * grad)  # (B, width)
-                unit = per_channel.view(per_channel.shape[0], group.units, group.unit).sum(2)
-                sums[group.name] += unit.abs().double().sum(0)
+                sums[group.name] += _taylor_terms(group, module, x, grad)
 
             x.register_hook(on_grad)
 
@@ -236,9 +234,7 @@ class FisherCriterion(Criterion):
                     first[group.name].append(_per_sample_channel_sums(module, x * grad).double())
                     grad_sums[group.name].append(_per_sample_channel_sums(module, grad).double())
                 elif group.name in taylor:
-                    per_channel = _per_sample_channel_sums(module, x * grad)  # (B, width)
-                    unit = per_channel.view(per_channel.shape[0], group.units, group.unit).sum(2)
-                    taylor[group.name] += unit.abs().double().sum(0)
+                    taylor[group.name] += _taylor_terms(group, module, x, grad)
 
             x.register_hook(on_grad)
 
@@ -410,6 +406,15 @@ class _ResidualEnergy:
         if self.positions == 0:
             raise RuntimeError("residual module never ran during calibration")
         return max(self.total / self.positions, 1e-30)
+
+
+def _taylor_terms(
+    group: ChannelGroup, module: nn.Module, x: torch.Tensor, grad: torch.Tensor
+) -> torch.Tensor:
+    """Σ over images of |Σ_{channels∈u, positions} h·∂L/∂h| per unit u, in float64."""
+    per_channel = _per_sample_channel_sums(module, x * grad)  # (B, width)
+    unit = per_channel.view(per_channel.shape[0], group.units, group.unit).sum(2)
+    return unit.abs().double().sum(0)
 
 
 def _per_sample_channel_sums(module: nn.Module, values: torch.Tensor) -> torch.Tensor:
