@@ -20,8 +20,8 @@ def _split(images, dense_macs, **kwargs):
 def test_vit_b16_reads_34_and_68_of_256_and_small_models_read_everything():
     vit_b16 = _split(256, 17_563_828_224)
     assert (vit_b16["score_images"], vit_b16["compensate_images"]) == (34, 68)
-    resnet50 = _split(256, 4_111_514_624)
-    assert (resnet50["score_images"], resnet50["compensate_images"]) == (145, 256)
+    resnet50 = _split(256, 4_089_184_256)  # count_macs of timm resnet50 (docs/*.json)
+    assert (resnet50["score_images"], resnet50["compensate_images"]) == (146, 256)
     small = _split(256, 5_000_000)
     assert (small["score_images"], small["compensate_images"]) == (256, 256)
 
