@@ -1,8 +1,9 @@
 """Calibration crops for efficientnet-lite0 in the accuracy suite: every photo that ships in the
 environment and that neither held-out split uses.
 
-`mpdeploy`'s `builtin` calibration has three photos (scikit-learn china and flower, matplotlib
-grace_hopper). Scored, fitted and BatchNorm-corrected on crops of only those three, a 30 %-pruned
+`mpdeploy`'s `builtin` calibration had three photos (scikit-learn china and flower, matplotlib
+grace_hopper) until 2026-11-27 22:25 UTC; it has 13 now, ten of them shipped in
+mpdeploy/data/photos (scripts/lite0_builtin_calibration.py measures both). Scored, fitted and BatchNorm-corrected on crops of only those three, a 30 %-pruned
 lite0 kept 3.1 % top-1 agreement with dense on the val split's held-out crops (calibration crops
 themselves: 90 %); on crops of these 14 photos, 41.7 % (docs/pruning.md, "Diagnosis"). Gray
 photos are converted to RGB. motorcycle_right is the other half of the test split's stereo pair

@@ -5,8 +5,9 @@ top-1 agreement of the pruned model with the dense one on held-out photo crops.
     python scripts/lite0_photo_agreement.py --targets 0.3 0.5 --methods mp magnitude
 
 Photo split (no photo is used on both sides):
-- calibration: seeded crops of the photos that ship with scikit-learn (`load_sample_images`:
-  china, flower) and matplotlib (grace_hopper), written as a folder and passed as `--calib DIR`;
+- calibration: seeded crops of the `--calib builtin` photos (`builtin_photos()`: until
+  2026-11-27 22:25 UTC scikit-learn's china and flower and matplotlib's grace_hopper, since then
+  those and the ten of mpdeploy/data/photos), written as a folder and passed as `--calib DIR`;
 - held out: seeded crops (25–100 % of the area, random flip) of scikit-image's `data` photos
   astronaut, chelsea, coffee, rocket, motorcycle_left, hubble_deep_field, retina.
 Agreement = pruned top-1 == dense top-1 (PyTorch, both models as the build saved them).
@@ -59,16 +60,18 @@ def random_crops(photos: list, count: int, seed: int) -> list:
 
 
 def calibration_folder(count: int) -> Path:
-    """Crops of the scikit-learn and matplotlib photos, as JPEG files (what `--calib` reads)."""
+    """Crops of the builtin photos, as JPEG files (what `--calib` reads); the folder name counts
+    the photos (`calib-N`: the three of before 2026-11-27 22:25 UTC)."""
     from PIL import Image
 
     from mpdeploy.data.calibration import builtin_photos
 
-    folder = WORK / f"calib-{count}"
+    sources = builtin_photos()
+    folder = WORK / (f"calib-{count}" if len(sources) == 3 else f"calib{len(sources)}-{count}")
     if folder.is_dir() and len(list(folder.glob("*.jpg"))) == count:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    photos = [Image.open(path).convert("RGB") for _, path in builtin_photos()]
+    photos = [Image.open(path).convert("RGB") for _, path in sources]
     for i, crop in enumerate(random_crops(photos, count, seed=0)):
         crop.save(folder / f"crop{i:04d}.jpg", quality=95)
     return folder
