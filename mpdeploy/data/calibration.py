@@ -189,17 +189,78 @@ def _photo_crops(size: int, seed: int) -> tuple[list[Image.Image], list[str]]:
     images, sources = [], []
     for i in range(size):
         label, photo = photos[i % len(photos)]
-        w, h = photo.size
-        scale = rng.uniform(0.25, 1.0)
-        cw, ch = max(16, int(w * np.sqrt(scale))), max(16, int(h * np.sqrt(scale)))
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        crop = photo.crop((x, y, x + cw, y + ch))
-        flip = bool(rng.integers(0, 2))
-        if flip:
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        crop, where = random_crop(photo, rng)
         images.append(crop)
-        sources.append(f"{label}#crop({x},{y},{cw},{ch}){'+flip' if flip else ''}")
+        sources.append(f"{label}#{where}")
     return images, sources
+
+
+def random_crop(photo: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, str]:
+    """One crop of 25–100 % of the area at a random place, flipped half the time; its description."""
+    w, h = photo.size
+    scale = rng.uniform(0.25, 1.0)
+    cw, ch = max(16, int(w * np.sqrt(scale))), max(16, int(h * np.sqrt(scale)))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    crop = photo.crop((x, y, x + cw, y + ch))
+    flip = bool(rng.integers(0, 2))
+    if flip:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return crop, f"crop({x},{y},{cw},{ch}){'+flip' if flip else ''}"
+
+
+class PhotoCropStream(torch.utils.data.Dataset):
+    """Fresh random crops of a few source photos: an unlimited augmented stream for label-free
+    recovery on the calibration photos (prune/recover.py).
+
+    A fixed calibration set of 128 crops of a handful of photos is memorised by distillation long
+    before the pruned network generalises (efficientnet-lite0, 2:4: docs/sparsity.md,
+    "efficientnet-lite0, 2:4"); here item i of epoch e is a new crop (as `random_crop`, the
+    builtin calibration's own crops) of photo i mod len(photos), drawn from the seed (seed, e, i)
+    and preprocessed by the model's eval transform. `length` is the nominal epoch size.
+    """
+
+    def __init__(
+        self,
+        photos: Sequence[Image.Image],
+        data_config: dict[str, Any],
+        length: int,
+        seed: int = 0,
+        origin: str = "",
+    ):
+        if not photos:
+            raise UserError("recovery on calibration photos needs at least one photo")
+        if length < 1:
+            raise UserError(f"a crop stream needs at least one crop per epoch (got {length})")
+        self.photos = list(photos)
+        self.transform = eval_transform(data_config)
+        self.length, self.seed, self.origin, self.epoch = length, seed, origin, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        crop, _ = random_crop(self.photos[index % len(self.photos)], rng)
+        return self.transform(crop), -1  # no label (recover.UNLABELLED)
+
+
+def calibration_photos(calib: CalibrationSet, size: int) -> list[Image.Image] | None:
+    """The source photos a calibration set was cut from, where it came from only a few of them:
+    the builtin photos, or a folder with fewer readable images than the `size` asked for
+    (`--calib DIR` of a few photos). None for digits and for folders of many images."""
+    if calib.origin == "builtin:photos":
+        return [Image.open(path).convert("RGB") for _, path in builtin_photos()]
+    folder = Path(calib.origin)
+    if calib.origin.startswith("builtin") or not folder.is_dir() or len(calib.sources) >= size:
+        return None
+    photos = []
+    for source in calib.sources:
+        with Image.open(folder / source) as img:
+            photos.append(img.convert("RGB"))
+    return photos
 
 
 def find_images(folder: Path) -> list[Path]:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpdeploy.data.calibration import PhotoCropStream
 from mpdeploy.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ def recover(
     train_set, eval_set, source = _datasets(train, data_config, config, student, teacher, device)
     batch_size = train_batch_size(len(train_set), config, world)
     top1_before = top1(student, eval_set, EVAL_BATCH, device)
-    freeze = config.freeze_norms if config.freeze_norms is not None else torch.is_tensor(train)
+    on_calibration = torch.is_tensor(train) or isinstance(train, PhotoCropStream)
+    freeze = config.freeze_norms if config.freeze_norms is not None else on_calibration
     losses = _train(
         student, teacher, train_set, config, masks, device, world, rank, freeze, batch_size
     )
@@ -129,6 +131,8 @@ def recover(
         "train": source["train"],
         "data": source["data"],
         "train_images": len(train_set),
+        # a PhotoCropStream: how many calibration photos, how many fresh crops of them per epoch
+        **{k: source[k] for k in ("photos", "crops_per_epoch") if k in source},
         "classes": source["classes"],
         "epochs": config.epochs,
         "steps": steps,
@@ -188,7 +192,18 @@ def train_batch_size(images: int, config: RecoverConfig, world: int = 1) -> int:
 
 def _datasets(train, data_config, config, student, teacher, device):
     """(train set, eval subset, description) for every kind of `train`."""
-    if torch.is_tensor(train):
+    if isinstance(train, PhotoCropStream):  # fresh crops of the calibration photos every epoch
+        eval_idx = _eval_subset(len(train), config.eval_images, config.seed)
+        eval_set = TensorImages(torch.stack([train[int(i)][0] for i in eval_idx]))
+        photos, classes, labelled, train_set = len(train.photos), [], False, train
+        source = {
+            "train": "calibration",
+            "data": f"fresh random crops of the {photos} calibration photos each epoch "
+            f"({len(train)} per epoch, no labels)",
+            "photos": photos,
+            "crops_per_epoch": len(train),
+        }
+    elif torch.is_tensor(train):
         images, classes = train.detach().float().cpu(), []
         if images.shape[0] == 0:
             raise UserError("recovery on the calibration images needs at least one image")
@@ -443,6 +458,8 @@ def _train(
     for epoch in range(config.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
+        if isinstance(dataset, PhotoCropStream):
+            dataset.set_epoch(epoch)
         losses.append([])
         for images, labels in loader:
             if step >= total:
