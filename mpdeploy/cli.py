@@ -156,7 +156,7 @@ def sparsity_option(fn):
         "--sparsity-method",
         default=BuildOptions.sparsity_method,
         show_default=True,
-        help="How N:M picks the kept weights: cast, cast_fisher, magnitude, obs.",
+        help="How N:M picks the kept weights: obs, obs_fisher, cast, cast_fisher, magnitude.",
     )(fn)
     return click.option(
         "--sparsity",

@@ -59,7 +59,7 @@ class BuildOptions:
     data_config: str | None = None  # JSON file of timm preprocessing keys overriding timm's
     target_macs: float = 0.0
     sparsity: str = "off"
-    sparsity_method: str = "cast"  # mpdeploy.prune.nm.METHODS
+    sparsity_method: str = "obs"  # mpdeploy.prune.nm.METHODS (SparsityConfig.method)
     method: str = "mp_fisher_taylor"  # PruneConfig.method
     compensate: str = "lsq+bn"  # mpdeploy.prune.compensate.DEFAULT_COMPENSATION
     round_to: int = 8

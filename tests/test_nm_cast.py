@@ -134,7 +134,7 @@ def vit_one_pass_and_sequential():
         mode: sparsify(
             model,
             images,
-            SparsityConfig(2, 4, sequential=mode, max_rows=256, batch_size=4),
+            SparsityConfig(2, 4, "cast", sequential=mode, max_rows=256, batch_size=4),
             input_shape=(3, 64, 64),
         )
         for mode in ("off", "block", "layer")

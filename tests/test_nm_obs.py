@@ -146,3 +146,52 @@ def test_cli_accepts_the_obs_method_and_refuses_an_unknown_one(monkeypatch, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "unknown --sparsity-method 'sgpt'" in err[0]
     assert not any(tmp_path.iterdir())
+
+
+def test_logit_weighted_hessian_weights_each_row_by_its_output_gradient_energy():
+    g = torch.Generator().manual_seed(11)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    images = torch.randn(10, 8, generator=g)
+    hessian = capture_hessians(model, ["0"], images, batch_size=4, logit_weighted=True)["0"]
+    # independent: per-image gradient of CE(z, y) at layer 0's output, y drawn as the capture does
+    sampler = torch.Generator().manual_seed(0)
+    rows, weights = [], []
+    for batch in images.split(4):
+        out = model[0](batch).detach().requires_grad_(True)
+        z = model[2](model[1](out))
+        y = torch.multinomial(torch.softmax(z.detach().double(), 1), 1, generator=sampler)
+        (grad,) = torch.autograd.grad(
+            torch.nn.functional.cross_entropy(z, y[:, 0], reduction="sum"), out
+        )
+        rows.append(batch.double())
+        weights.append(grad.double().pow(2).sum(1))
+    x, a = torch.cat(rows), torch.cat(weights)
+    torch.testing.assert_close(hessian.logit.gram, (x * a[:, None]).T @ x)
+    assert hessian.logit.weight == pytest.approx(float(a.sum()), rel=1e-9)
+    torch.testing.assert_close(hessian.gram, x.T @ x)
+    uniform = x.T @ x / 10
+    weighted = (x * a[:, None]).T @ x / a.sum()
+    torch.testing.assert_close(hessian.matrix(centered=False), uniform + weighted)
+    assert all(p.grad is None for p in model.parameters())  # autograd.grad: no .grad written
+
+
+def test_sparsify_with_obs_fisher_on_a_vit_is_in_pattern_and_differs_from_obs(one_thread):
+    model = timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=8).eval()
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(12))
+    results = {
+        method: sparsify(
+            model,
+            images,
+            SparsityConfig(2, 4, method=method, compensate="none"),
+            input_shape=(3, 32, 32),
+        )
+        for method in ("obs", "obs_fisher")
+    }
+    fisher = results["obs_fisher"]
+    assert fisher.report["method"] == "obs_fisher" and fisher.masks
+    for name, mask in fisher.masks.items():
+        assert (grouped(mask, 4).sum(-1) == 2).all(), name
+    assert any(
+        not torch.equal(mask, results["obs"].masks[name]) for name, mask in fisher.masks.items()
+    )
+    assert all(p.grad is None for p in model.parameters())

@@ -23,14 +23,25 @@ last stage at 1×1 on 32-px digits: 128 rows for 256 live columns) has a singula
 fit the calibration rows rather than the data: it gets H = I, i.e. magnitude, as the `lsq` re-fit
 falls back to `bias` there. The returned weight holds the OBS-updated kept values (used as is with
 `--compensate none`; `lsq` re-fits them exactly for the chosen mask).
+
+`obs_fisher` (issue 11 item 5: "weight CAST by what reaches the logits") uses the same search on
+H = E[x xᵀ] + E_a[x xᵀ], the uniform moment plus the moment with each calibration row t weighted by
+a_t = ‖∂CE(z, y)/∂o_t‖² at the layer's output (y sampled from the model's own softmax; cast.py's
+`cast_fisher` weight, the Gauss–Newton weight of KL(p_dense ‖ p) on that row), each normalised by
+its total weight. The first term is what the `lsq` re-fit minimises, the second what the logits
+see; the sum keeps the few rows a confident model's sampled gradients single out from dominating
+(the failure of `cast_fisher` on the ResNets, docs/sparsity.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mpdeploy.prune.cast import _RowQuota, candidate_patterns, sample_rows
@@ -42,20 +53,42 @@ HESSIAN_BYTES = 1 << 30  # float64 Gram matrices held at once; more layers → m
 
 @dataclasses.dataclass
 class Hessian:
-    """Σ x xᵀ and Σ x over sampled input rows of one layer, columns in TensorRT's group order."""
+    """Σ x xᵀ and Σ x over sampled input rows of one layer, columns in TensorRT's group order.
+
+    With `logit` set (`capture_hessians(..., logit_weighted=True)`) it also holds the same sums
+    with every row weighted by its output-gradient energy (`LogitWeighted`), and `matrix` is the
+    sum of the two normalised moments.
+    """
 
     gram: torch.Tensor  # (F, F) float64
     sum_x: torch.Tensor  # (F,) float64
     rows: int = 0
+    logit: LogitWeighted | None = None
 
     def matrix(self, *, centered: bool) -> torch.Tensor:
-        """The mean second moment (or covariance, when `centered`), float64."""
-        rows = max(self.rows, 1)
-        h = self.gram / rows
-        if centered:
-            mean = self.sum_x / rows
-            h = h - torch.outer(mean, mean)
+        """The mean second moment (or covariance, when `centered`), float64; with `logit`, plus
+        the logit-weighted one (each normalised by its own total weight)."""
+        h = _moment(self.gram, self.sum_x, float(max(self.rows, 1)), centered)
+        if self.logit is not None and self.logit.weight > 0:
+            h = h + _moment(self.logit.gram, self.logit.sum_x, self.logit.weight, centered)
         return h
+
+
+@dataclasses.dataclass
+class LogitWeighted:
+    """Σ_t a_t x_t x_tᵀ, Σ_t a_t x_t, Σ_t a_t with a_t = ‖∂CE(z, y)/∂o_t‖² (cast.py's weight)."""
+
+    gram: torch.Tensor
+    sum_x: torch.Tensor
+    weight: float = 0.0
+
+
+def _moment(gram: torch.Tensor, sum_x: torch.Tensor, total: float, centered: bool) -> torch.Tensor:
+    h = gram / total
+    if centered:
+        mean = sum_x / total
+        h = h - torch.outer(mean, mean)
+    return h
 
 
 def _features(module: nn.Module) -> int:
@@ -70,55 +103,98 @@ def capture_hessians(
     max_rows: int = 16384,
     seed: int = 0,
     batch_size: int = 32,
+    logit_weighted: bool = False,
 ) -> dict[str, Hessian]:
     """The input Gram matrix of each named layer over `images` (dense pass), in group order.
 
+    `logit_weighted`: also the Gram matrix with each row weighted by its output-gradient energy
+    (one forward + backward per batch, labels sampled from the model's softmax with `seed`).
     Layers are captured in as many passes as keep ≤ HESSIAN_BYTES of Gram matrices alive; a layer
     whose forward never runs as a module is absent from the result.
     """
     names = list(layer_names)
+    per_feature2 = 16 if logit_weighted else 8
     steps, step, size = [], [], 0
     for name in names:
         features = _features(model.get_submodule(name))
-        if step and size + 8 * features**2 > HESSIAN_BYTES:
+        if step and size + per_feature2 * features**2 > HESSIAN_BYTES:
             steps.append(step)
             step, size = [], 0
         step.append(name)
-        size += 8 * features**2
+        size += per_feature2 * features**2
     if step:
         steps.append(step)
     hessians: dict[str, Hessian] = {}
     for step in steps:
-        hessians.update(_capture(model, step, images, names, max_rows, seed, batch_size))
+        hessians.update(
+            _capture(model, step, images, names, max_rows, seed, batch_size, logit_weighted)
+        )
     return hessians
 
 
-def _capture(model, step, images, names, max_rows, seed, batch_size) -> dict[str, Hessian]:
+def _capture(
+    model, step, images, names, max_rows, seed, batch_size, logit_weighted
+) -> dict[str, Hessian]:
     quotas = {name: _RowQuota(images.shape[0], max_rows, seed + names.index(name)) for name in step}
     found: dict[str, Hessian] = {}
+    generator = torch.Generator().manual_seed(seed)
 
     def hook(name: str):
         def pre(module, args):
-            _, rows = sample_rows(module, args[0].detach(), quotas[name])  # (rows, pixels, Cin)
+            chosen, rows = sample_rows(module, args[0].detach(), quotas[name])  # (rows, px, Cin)
             rows = rows.reshape(rows.shape[0], -1)  # pixel-major, Cin-minor: the group order
             record = found.get(name)
             if record is None:
                 features = rows.shape[1]
-                record = found[name] = Hessian(
-                    torch.zeros(features, features, dtype=torch.float64),
-                    torch.zeros(features, dtype=torch.float64),
-                )
+                zeros = functools.partial(torch.zeros, dtype=torch.float64)
+                record = found[name] = Hessian(zeros(features, features), zeros(features))
+                if logit_weighted:
+                    record.logit = LogitWeighted(zeros(features, features), zeros(features))
             record.gram += rows.T @ rows
             record.sum_x += rows.sum(0)
             record.rows += rows.shape[0]
+            if logit_weighted:
+                pending[name] = (chosen, rows)
 
         return pre
 
+    pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def post(name: str):
+        def hook(module, args, output):
+            chosen, rows = pending.pop(name)
+
+            def on_grad(grad):
+                g = grad.detach()
+                g = g.permute(0, 2, 3, 1) if g.ndim == 4 else g  # conv: positions × channels
+                a = g.reshape(-1, g.shape[-1])[chosen].double().pow(2).sum(1)  # (rows,)
+                record = found[name].logit
+                record.gram += (rows * a[:, None]).T @ rows
+                record.sum_x += a @ rows
+                record.weight += float(a.sum())
+
+            if output.requires_grad:
+                output.register_hook(on_grad)
+
+        return hook
+
     handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in step]
+    if logit_weighted:
+        handles += [model.get_submodule(name).register_forward_hook(post(name)) for name in step]
     try:
-        with torch.inference_mode():
-            for i in range(0, len(images), batch_size):
-                model(images[i : i + batch_size])
+        for i in range(0, len(images), batch_size):
+            batch = images[i : i + batch_size]
+            if not logit_weighted:
+                with torch.inference_mode():
+                    model(batch)
+                continue
+            with torch.enable_grad():
+                batch = batch.clone().requires_grad_(True)
+                z = model(batch)
+                probs = torch.softmax(z.detach().double(), 1)
+                labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                loss = F.cross_entropy(z, labels, reduction="sum")
+                torch.autograd.grad(loss, batch)  # fires the hooks; no parameter .grad written
     finally:
         for handle in handles:
             handle.remove()
@@ -185,42 +261,66 @@ def obs_project(
     patterns, sampled = candidate_patterns(k, n, seed=seed)
     drop_idx = torch.stack([(~p).nonzero().squeeze(1) for p in patterns])  # (P, n-k)
     keep = torch.ones(out, features, dtype=torch.bool)
-    dropped = 0.0
+    dropped = torch.zeros((), dtype=torch.float64)
     block = max(n, (BLOCK_COLUMNS // n) * n)
     rows = torch.arange(out)
+    # everything that depends on U only, for all groups at once: the group's block B of the
+    # inverse (n, n), the inverse of B_DD for every pattern, and U_g[:, D] (n, d) per pattern
+    groups = features // n
+    u_diag = U.reshape(groups, n, groups, n).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    bmats = u_diag.transpose(1, 2) @ u_diag  # (G, n, n)
+    invs = torch.linalg.inv(bmats[:, drop_idx.unsqueeze(2), drop_idx.unsqueeze(1)])  # (G, P, d, d)
+    u_drop = u_diag[:, :, drop_idx].permute(0, 2, 1, 3)  # (G, P, n, d)
     for b0 in range(0, features, block):
         b1 = min(b0 + block, features)
         err = torch.zeros(out, b1 - b0, dtype=torch.float64)
-        for j in range(b0, b1, n):
-            ug = U[j : j + n, j : j + n]
-            bmat = ug.T @ ug  # (n, n): the group's block of (H restricted to columns ≥ j)⁻¹
-            wg = W[:, j : j + n]
-            sub = bmat[drop_idx.unsqueeze(2), drop_idx.unsqueeze(1)]  # (P, d, d)
-            inv = torch.linalg.inv(sub)
-            wd = wg[:, drop_idx]  # (out, P, d)
-            cost = torch.einsum("opi,pij,opj->op", wd, inv, wd)
-            best_cost, best = cost.min(dim=1)
-            chosen_d = drop_idx[best]  # (out, d)
-            chosen_inv = inv[best]  # (out, d, d)
-            if sampled:
-                chosen_d, chosen_inv, best_cost = _prefer_saliency(
-                    wg, bmat, k, chosen_d, chosen_inv, best_cost
-                )
-            coeff = torch.einsum("oij,oj->oi", chosen_inv, wg[rows[:, None], chosen_d])
-            e = torch.einsum("oij,oj->oi", ug[:, chosen_d].permute(1, 0, 2), coeff)
-            W[:, j:b1] -= e @ U[j : j + n, j:b1]
-            kept = torch.ones(out, n, dtype=torch.bool)
-            kept[rows[:, None], chosen_d] = False
-            wg_now = W[:, j : j + n]
-            wg_now[~kept] = 0.0
-            keep[:, j : j + n] = kept
-            err[:, j - b0 : j - b0 + n] = e
-            dropped += float(best_cost.sum())
+        with _one_thread():  # many tiny ops: extra threads only add synchronisation
+            for j in range(b0, b1, n):
+                g = j // n
+                wg = W[:, j : j + n]
+                wd = wg[:, drop_idx]  # (out, P, d)
+                q = torch.einsum("opi,pij->opj", wd, invs[g])  # [B_DD]⁻¹ w_D per pattern
+                best_cost, best = (q * wd).sum(-1).min(dim=1)
+                coeff = q[rows, best]  # (out, d)
+                u_chosen = u_drop[g][best]  # (out, n, d)
+                kept = patterns[best]  # (out, n)
+                if sampled:
+                    chosen_d, chosen_inv, cost = _prefer_saliency(
+                        wg, bmats[g], k, drop_idx[best], invs[g][best], best_cost
+                    )
+                    better = cost < best_cost
+                    if bool(better.any()):
+                        ug = u_diag[g]
+                        coeff = torch.einsum("oij,oj->oi", chosen_inv, wg[rows[:, None], chosen_d])
+                        u_chosen = ug[:, chosen_d].permute(1, 0, 2)
+                        kept = torch.ones(out, n, dtype=torch.bool)
+                        kept[rows[:, None], chosen_d] = False
+                        best_cost = cost
+                e = (u_chosen @ coeff.unsqueeze(2)).squeeze(2)  # (out, n)
+                W[:, j:b1] -= e @ U[j : j + n, j:b1]
+                W[:, j : j + n] *= kept
+                keep[:, j : j + n] = kept
+                err[:, j - b0 : j - b0 + n] = e
+                dropped += best_cost.sum()
         if b1 < features:
             W[:, b1:] -= err @ U[b0:b1, b1:]
     new_weight = ungrouped(W.reshape(w.shape), shape).to(weight.dtype)
     mask = ungrouped(keep.reshape(w.shape), shape)
-    return ObsProjection(mask, new_weight * mask, dropped, total)
+    return ObsProjection(mask, new_weight * mask, float(dropped), total)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one thread for the per-group loop, restored after: its ops are (out × n)-sized,
+    and on a loaded 2-core machine two threads cost 20× the CPU time of one (docs/sparsity.md)."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
 
 
 def _prefer_saliency(wg, bmat, k, chosen_d, chosen_inv, best_cost):
