@@ -451,8 +451,16 @@ def recovered(key: str, pruned: Pruned, epochs: int, seed: int) -> tuple[torch.n
 
     suite = load_model(key)
     config = RecoverConfig(epochs=epochs, seed=seed, progress=False, hflip=0.0, eval_images=64)
-    if suite.metric == "agreement":  # no labels: distil on the calibration photos (KL only)
-        train, what = calibration(key), f"label-free, the {SETTINGS.calib_size} calibration crops"
+    if suite.metric == "agreement":  # no labels: distil on the calibration photos (KL only),
+        # fresh crops of them every epoch, as `--recover-epochs` without `--train` does
+        # (pipeline.label_free_train_set); until 2026-11-27 23:00 UTC the 128 fixed crops
+        from lite0_calibration import photo_stream
+
+        train = photo_stream(SETTINGS.calib_size, suite.data_config, seed)
+        what = (
+            f"label-free, fresh crops of the {len(train.photos)} calibration photos "
+            f"({SETTINGS.calib_size} per epoch)"
+        )
     else:
         train, what = fit_folder(), "digits fit split (1,137 labelled images)"
     student = copy.deepcopy(pruned.model)

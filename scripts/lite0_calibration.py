@@ -64,6 +64,17 @@ def calibration_images(count: int, data_config: dict[str, Any], seed: int = 0) -
     return torch.stack([transform(c) for c in random_crops(photos, count, seed=seed)])
 
 
+def photo_stream(count: int, data_config: dict[str, Any], seed: int = 0):
+    """Fresh random crops of WIDE_PHOTOS every epoch, `count` per epoch: what label-free recovery
+    distils on (`mpdeploy.pipeline.label_free_train_set` does the same with the builtin photos)."""
+    from PIL import Image
+
+    from mpdeploy.data.calibration import PhotoCropStream
+
+    photos = [Image.open(path).convert("RGB") for path in photo_paths()]
+    return PhotoCropStream(photos, data_config, count, seed, origin="lite0_calibration.WIDE_PHOTOS")
+
+
 def jsonl_emitter(out: Path) -> Callable[..., None]:
     """emit(**record): print the record as one JSON line, with seconds since this call as "t",
     and append it to out/log.jsonl (the diagnosis scripts' log)."""
