@@ -175,7 +175,9 @@ def test_only_debris_of_dead_owners_is_stale(tmp_path):
 def test_two_builds_race_for_one_output_and_sigterm_cleans_up(tmp_path):
     """Two real builds into the default output: one line at once for the loser; the winner,
     stopped by SIGTERM as `timeout`, CI cancels and Kubernetes do, leaves nothing at all."""
-    argv = [*SMALL_BUILD, "--force"]
+    # A bench long enough that SIGTERM lands inside the build, not after its last rename (with
+    # SMALL_BUILD's 2 iterations the winner could finish first on a fast run: rc 0, CI 2026-11-28).
+    argv = [*SMALL_BUILD, "--bench-iterations", "3000", "--force"]
     first, second = start_cli(argv, tmp_path), start_cli(argv, tmp_path)
     try:
         loser = wait_for(lambda: next((p for p in (first, second) if p.poll() is not None), None),
