@@ -640,14 +640,15 @@ def narrow_calibration_warning(method: str, calib, calib_size: int) -> str | Non
     (docs/sparsity.md, "efficientnet-lite0, 2:4")."""
     if method == "magnitude":
         return None
-    from mpdeploy.data.calibration import calibration_photos
+    from mpdeploy.data.calibration import calibration_photo_paths
 
-    photos = calibration_photos(calib, calib_size)
+    photos = calibration_photo_paths(calib, calib_size)  # counted, not decoded
     if not photos:
         return None
     return (
-        f"--sparsity-method {method} chooses each 2:4 group from the calibration statistics, and "
-        f"these are crops of only {len(photos)} photos: on real ImageNet weights that choice "
+        f"--sparsity-method {method} chooses the kept weights of each N:M group from the "
+        f"calibration statistics, and these are crops of only {len(photos)} photos: on real "
+        "ImageNet weights that choice "
         "overfits them (docs/sparsity.md, efficientnet-lite0); pass --calib DIR with a few "
         "hundred of your own images, or --sparsity-method magnitude"
     )

@@ -247,18 +247,26 @@ class PhotoCropStream(torch.utils.data.Dataset):
         return self.transform(crop), -1  # no label (recover.UNLABELLED)
 
 
-def calibration_photos(calib: CalibrationSet, size: int) -> list[Image.Image] | None:
+def calibration_photo_paths(calib: CalibrationSet, size: int) -> list[Path] | None:
     """The source photos a calibration set was cut from, where it came from only a few of them:
     the builtin photos, or a folder with fewer readable images than the `size` asked for
     (`--calib DIR` of a few photos). None for digits and for folders of many images."""
     if calib.origin == "builtin:photos":
-        return [Image.open(path).convert("RGB") for _, path in builtin_photos()]
+        return [path for _, path in builtin_photos()]
     folder = Path(calib.origin)
     if calib.origin.startswith("builtin") or not folder.is_dir() or len(calib.sources) >= size:
         return None
+    return [folder / source for source in calib.sources]
+
+
+def calibration_photos(calib: CalibrationSet, size: int) -> list[Image.Image] | None:
+    """`calibration_photo_paths`, decoded to RGB."""
+    paths = calibration_photo_paths(calib, size)
+    if paths is None:
+        return None
     photos = []
-    for source in calib.sources:
-        with Image.open(folder / source) as img:
+    for path in paths:
+        with Image.open(path) as img:
             photos.append(img.convert("RGB"))
     return photos
 
