@@ -197,3 +197,53 @@ def test_unknown_compensation_is_a_user_error():
     model = make_model("test_vit", {})
     with pytest.raises(UserError, match="at least 2 calibration images"):
         prune_model(model, torch.randn(1, *input_size(model)), None, PruneConfig(0.3, "magnitude"))
+
+
+def _chain(seed: int):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 5)]
+    return nn.Sequential(*layers).double()
+
+
+def test_sequential_inputs_fit_each_layer_on_the_refitted_layers_before_it():
+    """Unit 5 of the first hidden layer is cut, so the re-fit of the layer reading it cannot be
+    exact. With `sequential` the last layer is then the least-squares fit (numpy.linalg.lstsq) of
+    the dense layer's output on what the *re-fitted* middle layer feeds it, so its squared error
+    on the calibration rows is the smallest of the three modes (`dense` fits on the dense layer's
+    input, `pruned` on the unfitted middle layer's output). Layers given out of order are fitted
+    in forward order."""
+    dense = _chain(0)
+    kept = torch.tensor([0, 1, 2, 3, 4])
+    x = torch.randn(200, 4, dtype=torch.float64)
+    first = dense[1](dense[0](x)).detach()
+    target = dense(x).detach()
+    errors = {}
+    for inputs in ("sequential", "pruned", "dense"):
+        pruned = copy.deepcopy(dense)
+        pruned[0], pruned[2] = nn.Linear(4, 5).double(), nn.Linear(5, 10).double()
+        with torch.no_grad():
+            pruned[0].weight.copy_(dense[0].weight[kept])
+            pruned[0].bias.copy_(dense[0].bias[kept])
+            pruned[2].weight.copy_(dense[2].weight[:, kept])
+            pruned[2].bias.copy_(dense[2].bias)
+            pruned[4].weight.add_(0.3 * torch.randn_like(pruned[4].weight))
+        layers = [LayerFit("4"), LayerFit("2", in_features=kept)]  # not in forward order
+        config = CompensateConfig("lsq", ridge=0.0, inputs=inputs, batch_size=64)
+        record = compensate(dense, pruned, x, layers, config)
+        assert list(record["layers"]) == (["2", "4"] if inputs == "sequential" else ["4", "2"])
+        beta = _lstsq(first[:, kept].numpy(), dense[2](first).detach().numpy())
+        np.testing.assert_allclose(pruned[2].weight.detach().numpy(), beta[:-1].T, atol=1e-9)
+        fed = pruned[:4](x).detach()
+        if inputs == "sequential":
+            beta = _lstsq(fed.numpy(), target.numpy())
+            np.testing.assert_allclose(pruned[4].weight.detach().numpy(), beta[:-1].T, atol=1e-8)
+            np.testing.assert_allclose(pruned[4].bias.detach().numpy(), beta[-1], atol=1e-8)
+        if inputs == "dense":  # fitted on the dense middle layer: the dense weights again
+            torch.testing.assert_close(pruned[4].weight, dense[4].weight, atol=1e-8, rtol=0)
+        errors[inputs] = float(((pruned[4](fed).detach() - target) ** 2).sum())
+    assert errors["sequential"] < 0.9 * min(errors["pruned"], errors["dense"]), errors
+
+
+def test_unknown_compensation_inputs_is_a_user_error():
+    with pytest.raises(UserError, match="dense, pruned, sequential"):
+        CompensateConfig("lsq", inputs="upstream")

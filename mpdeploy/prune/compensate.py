@@ -32,6 +32,7 @@ if asked, runs last.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -51,6 +52,7 @@ PARTS = ("bias", "lsq", "bn")
 COMPENSATIONS = ("none", "bias", "lsq", "bn", "bias+bn", "lsq+bn")
 DEFAULT_COMPENSATION = "lsq+bn"
 NM_SOLVERS = ("auto", "cg", "exact")
+INPUTS = ("dense", "pruned", "sequential")
 # `auto` solves N:M rows exactly up to this many unknowns per row, by CG above: per row, Cholesky
 # costs ~u³/3 float64 flops and 50 CG steps ~400·u² float32 ones (scripts/nm_lsq_bench.py: at
 # u = 385, a ViT-B/16 attn.proj, CG took 7.0 CPU-s against 13.3 for the exact solve)
@@ -67,7 +69,9 @@ class CompensateConfig:
     seed: int = 0
     # where the input rows x̂ come from: "dense" = the dense network's input to the layer, kept
     # columns only (each layer corrects its own cut); "pruned" = the uncompensated pruned
-    # network's (each layer also corrects upstream cuts, which their own fits correct again)
+    # network's (each layer also corrects upstream cuts, which their own fits correct again);
+    # "sequential" = layers fitted one at a time in forward order, each on the input rows of the
+    # pruned network whose upstream layers are already re-fitted (one partial paired pass each)
     inputs: str = "dense"
     # how an N:M layer's rows are solved on their supports: "cg" = all rows at once by batched
     # conjugate gradients on the shared Gram (prune/nm_solve.py), "exact" = a Cholesky per row,
@@ -80,8 +84,10 @@ class CompensateConfig:
             raise UserError(
                 f"nm_solver must be one of {', '.join(NM_SOLVERS)} (got {self.nm_solver})"
             )
-        if self.inputs not in ("dense", "pruned"):
-            raise UserError(f"compensation inputs must be 'dense' or 'pruned' (got {self.inputs})")
+        if self.inputs not in INPUTS:
+            raise UserError(
+                f"compensation inputs must be one of {', '.join(INPUTS)} (got {self.inputs})"
+            )
         if self.ridge < 0:
             raise UserError(f"compensation ridge must be ≥ 0 (got {self.ridge})")
 
@@ -136,11 +142,19 @@ def compensate(
     fit_part = "lsq" if "lsq" in parts else "bias" if "bias" in parts else None
     if fit_part and layers:
         norms = following_norms(pruned, [layer.name for layer in layers], calib[:1])
-        stats = collect_statistics(
-            dense, pruned, calib, layers, config, need_gram=fit_part == "lsq"
-        )
-        ill_posed = ill_posed_layers(stats, layers, calib.shape[0]) if fit_part == "lsq" else {}
+        if config.inputs == "sequential":
+            layers = forward_order(pruned, layers, calib[:1])
+            stats = _LazyStats(dense, pruned, calib, config, need_gram=fit_part == "lsq")
+            stats.layers = {layer.name: layer for layer in layers}
+        else:
+            stats = collect_statistics(
+                dense, pruned, calib, layers, config, need_gram=fit_part == "lsq"
+            )
+        ill_posed = {}
         for layer in layers:
+            need = _images_needed(stats[layer.name], layer, calib.shape[0])
+            if fit_part == "lsq" and need:
+                ill_posed[layer.name] = need
             part = "bias" if layer.name in ill_posed else fit_part
             entry = refit_layer(
                 pruned,
@@ -155,6 +169,7 @@ def compensate(
                 entry["lsq_needs_images"] = ill_posed[layer.name]
             record["layers"][layer.name] = entry
         if ill_posed:
+            _warn_ill_posed(ill_posed, calib.shape[0])
             record["lsq_fell_back_to_bias"] = sorted(ill_posed)
     if "bn" in parts:
         channels = getattr(layers, "norm_channels", None)
@@ -245,15 +260,20 @@ def collect_statistics(
     config: CompensateConfig,
     *,
     need_gram: bool,
+    stop: bool = False,
 ) -> dict[str, _LayerStats]:
     """The dense layers' outputs (targets) and the input rows x̂, summed over the calibration set.
 
-    inputs="dense": one pass of the dense network; inputs="pruned": paired passes, batch by batch.
+    inputs="dense": one pass of the dense network; otherwise paired passes, batch by batch.
+    `stop`: end both passes of a batch as soon as the (single) layer has its rows.
     """
     from mpdeploy.prune.cast import _RowQuota
 
     stats, quotas, targets, handles = {}, {}, {}, []
     current = [0]
+    paired = config.inputs != "dense"
+    if stop and len(layers) != 1:
+        raise ValueError("stop=True collects one layer at a time")
 
     def add(layer: LayerFit, x: torch.Tensor, y: torch.Tensor) -> None:
         chosen = quotas[layer.name].choose(x.shape[0], current[0])
@@ -269,29 +289,85 @@ def collect_statistics(
         def dense_hook(mod, inputs, output, layer=layer):
             y = output_rows(mod, output.detach())
             y = y if layer.out_rows is None else y[:, layer.out_rows]
-            if config.inputs == "pruned":
+            if paired:
                 targets[layer.name] = y
+                if stop:
+                    raise _Stop
                 return
             x = layer_rows(mod, inputs[0].detach())
             add(layer, x if layer.in_features is None else x[:, layer.in_features], y)
 
         def pruned_hook(mod, inputs, layer=layer):
             add(layer, layer_rows(mod, inputs[0].detach()), targets.pop(layer.name))
+            if stop:
+                raise _Stop
 
         handles.append(dense.get_submodule(layer.name).register_forward_hook(dense_hook))
-        if config.inputs == "pruned":
+        if paired:
             handles.append(module.register_forward_pre_hook(pruned_hook))
     try:
         with torch.no_grad():
             for batch in calib.split(config.batch_size):
                 current[0] = batch.shape[0]
-                dense(batch)
-                if config.inputs == "pruned":
-                    pruned(batch)
+                _run(dense, batch)
+                if paired:
+                    _run(pruned, batch)
     finally:
         for handle in handles:
             handle.remove()
     return stats
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the layer being fitted has its rows."""
+
+
+def _run(model: nn.Module, batch: torch.Tensor) -> None:
+    with contextlib.suppress(_Stop):
+        model(batch)
+
+
+class _LazyStats:
+    """`inputs="sequential"`: a layer's statistics are collected when first asked for, after
+    every layer before it in forward order has been re-fitted (one partial paired pass each)."""
+
+    def __init__(self, dense, pruned, calib, config: CompensateConfig, *, need_gram: bool):
+        self.args = (dense, pruned, calib)
+        self.config, self.need_gram = config, need_gram
+        self.layers: dict[str, LayerFit] = {}
+        self.last: tuple[str, _LayerStats] | None = None
+
+    def __getitem__(self, name: str) -> _LayerStats:
+        if self.last is None or self.last[0] != name:
+            layer = self.layers[name]
+            got = collect_statistics(
+                *self.args, [layer], self.config, need_gram=self.need_gram, stop=True
+            )
+            self.last = (name, got[name])
+        return self.last[1]
+
+
+def forward_order(model: nn.Module, layers: list[LayerFit], sample: torch.Tensor) -> list[LayerFit]:
+    """`layers` sorted by when each first runs in a forward pass on `sample` (those that never
+    run keep their place at the end)."""
+    seen: dict[str, int] = {}
+    handles = []
+    for layer in layers:
+
+        def hook(mod, inputs, name=layer.name):
+            seen.setdefault(name, len(seen))
+
+        handles.append(model.get_submodule(layer.name).register_forward_pre_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(sample)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return sorted(layers, key=lambda layer: seen.get(layer.name, len(layers)))
 
 
 def _check_layer(module: nn.Module, name: str) -> None:
@@ -311,21 +387,33 @@ def ill_posed_layers(
     """
     needs = {}
     for layer in layers:
-        s = stats[layer.name]
-        unknowns = _max_unknowns(layer, s)
-        if s.rows < unknowns:
-            per_image = max(s.rows // max(images, 1), 1)
-            needs[layer.name] = -(-unknowns // per_image)
+        need = _images_needed(stats[layer.name], layer, images)
+        if need:
+            needs[layer.name] = need
     if needs:
-        log.warning(
-            "--compensate lsq: %d layer(s) have fewer calibration rows than unknowns (%s needs "
-            "%d images, got %d); they get the bias fit instead",
-            len(needs),
-            max(needs, key=needs.get),
-            max(needs.values()),
-            images,
-        )
+        _warn_ill_posed(needs, images)
     return needs
+
+
+def _images_needed(s: _LayerStats, layer: LayerFit, images: int) -> int:
+    """0 when the layer has at least as many calibration rows as unknowns per output row, else
+    the number of images it would need."""
+    unknowns = _max_unknowns(layer, s) if s.need_gram else 0
+    if s.rows >= unknowns:
+        return 0
+    per_image = max(s.rows // max(images, 1), 1)
+    return -(-unknowns // per_image)
+
+
+def _warn_ill_posed(needs: Mapping[str, int], images: int) -> None:
+    log.warning(
+        "--compensate lsq: %d layer(s) have fewer calibration rows than unknowns (%s needs "
+        "%d images, got %d); they get the bias fit instead",
+        len(needs),
+        max(needs, key=needs.get),
+        max(needs.values()),
+        images,
+    )
 
 
 def _max_unknowns(layer: LayerFit, s: _LayerStats) -> int:

@@ -44,7 +44,7 @@ class PruneConfig:
     tolerance: float = 0.01  # |achieved − target| on the MAC-reduction fraction
     batch_size: int = 32  # calibration forward batch for scoring and the headline
     compensate: str = DEFAULT_COMPENSATION  # closed-form re-fit after the cut (compensate.py)
-    compensate_inputs: str = "dense"  # CompensateConfig.inputs: "dense" | "pruned"
+    compensate_inputs: str = "dense"  # CompensateConfig.inputs: "dense" | "pruned" | "sequential"
     # Work budgets of the calibration passes, in dense MACs (see `calibration_split`): the scores'
     # passes (forward + backward) read the first images that fit `score_macs`, compensation and
     # the headline those that fit `compensate_macs`, never fewer than the floors below; None =
