@@ -475,6 +475,11 @@ def recovered(key: str, pruned: Pruned, epochs: int, seed: int) -> tuple[torch.n
 # --- cells ---------------------------------------------------------------------------------------
 
 
+def _until(first: str, last: str) -> str:
+    """The end of a span of ISO dates: its time only when it ends on the day it began."""
+    return last[11:16] if last[:10] == first[:10] else last[:16].replace("T", " ")
+
+
 def cell_path(
     key: str, method: str, compensate: str, target: float | str, epochs: int, seed: int, split: str
 ) -> Path:
@@ -887,7 +892,7 @@ def write_doc(doc: Path = DOC, doc_json: Path = DOC_JSON) -> None:
         dates = sorted(r["date"] for r in records if "date" in r)
         sections += [
             f"## {split} split ({len(records)} cells, measured {dates[0][:16].replace('T', ' ')} – "
-            f"{dates[-1][11:16]} UTC)",
+            f"{_until(dates[0], dates[-1])} UTC)",
             "",
             "### Targets of issue 11",
             "",
