@@ -158,6 +158,14 @@ def sparsity_option(fn):
         show_default=True,
         help="How N:M picks the kept weights: obs, obs_fisher, cast, cast_fisher, magnitude.",
     )(fn)
+    fn = click.option(
+        "--sparsity-dense",
+        "sparsity_dense",
+        multiple=True,
+        metavar="PATTERN",
+        help="Leave the layers whose module name matches this shell-style pattern dense "
+        "(repeatable), e.g. 'blocks.0.*'.",
+    )(fn)
     return click.option(
         "--sparsity",
         default="off",
@@ -273,6 +281,7 @@ def build(quiet: bool, bench_batches, tome_proportional: str, **kwargs):
 
     opts = BuildOptions(
         bench_batches=tuple(bench_batches) or None,
+        sparsity_dense=tuple(kwargs.pop("sparsity_dense", ())),
         tome_proportional=tome_proportional == "on",
         **kwargs,
     )

@@ -60,6 +60,7 @@ class BuildOptions:
     target_macs: float = 0.0
     sparsity: str = "off"
     sparsity_method: str = "obs"  # mpdeploy.prune.nm.METHODS (SparsityConfig.method)
+    sparsity_dense: tuple[str, ...] = ()  # module-name patterns left dense (dense_layers)
     method: str = "mp_fisher_taylor"  # PruneConfig.method
     compensate: str = "lsq+bn"  # mpdeploy.prune.compensate.DEFAULT_COMPENSATION
     round_to: int = 8
@@ -97,6 +98,8 @@ class BuildOptions:
         values = {k: v for k, v in payload.items() if k in known}
         if values.get("bench_batches"):
             values["bench_batches"] = tuple(values["bench_batches"])
+        if "sparsity_dense" in values:
+            values["sparsity_dense"] = tuple(values["sparsity_dense"] or ())
         return cls(**values)
 
 
@@ -139,6 +142,7 @@ def validate_options(opts: BuildOptions) -> None:
     # A precision, device or provider the backend lacks here fails now, before any work.
     get_backend(opts.backend, require_available=False).check(engine_options(opts))
     check_tome_fits(opts)
+    check_sparsity_dense(opts)
 
 
 def check_option_values(opts: BuildOptions) -> None:
@@ -151,6 +155,10 @@ def check_option_values(opts: BuildOptions) -> None:
     from mpdeploy.prune.nm import check_method
 
     check_method(opts.sparsity_method)
+    if opts.sparsity_dense and parse_sparsity(opts.sparsity) is None:
+        raise UserError(
+            "--sparsity-dense names layers to leave dense under --sparsity N:M: give one"
+        )
     tome_settings(opts)
     if opts.method not in METHODS:
         raise UserError(f"unknown --method '{opts.method}': choose one of {', '.join(METHODS)}")
@@ -244,9 +252,25 @@ def check_tome_fits(opts: BuildOptions) -> None:
     settings = tome_settings(opts)
     if settings is None:
         return
+    from mpdeploy.families.tome import describe
+
+    describe(_meta_model(opts), settings)
+
+
+def check_sparsity_dense(opts: BuildOptions) -> None:
+    """A `--sparsity-dense` pattern that matches no Linear/Conv2d of the model: fail now."""
+    pattern = parse_sparsity(opts.sparsity)
+    if not opts.sparsity_dense or pattern is None:
+        return
+    from mpdeploy.prune.layout import keep_dense, layer_layouts
+
+    keep_dense(layer_layouts(_meta_model(opts), pattern[1]), opts.sparsity_dense)
+
+
+def _meta_model(opts: BuildOptions):
+    """The architecture on the meta device (shapes only, no weights, no memory)."""
     import torch
 
-    from mpdeploy.families.tome import describe
     from mpdeploy.models import resolve_model_name
 
     architecture = resolve_model_name(opts.model).split(".", 1)[0]
@@ -255,10 +279,9 @@ def check_tome_fits(opts: BuildOptions) -> None:
     sizes = {"num_classes": opts.num_classes, "img_size": opts.img_size}
     with torch.device("meta"):
         try:
-            model = timm.create_model(architecture, **{k: v for k, v in sizes.items() if v})
-        except TypeError:  # a CNN takes no img_size; it is refused as "not a ViT" below
-            model = timm.create_model(architecture)
-    describe(model, settings)
+            return timm.create_model(architecture, **{k: v for k, v in sizes.items() if v})
+        except TypeError:  # a CNN takes no img_size (a --tome on it is refused as "not a ViT")
+            return timm.create_model(architecture)
 
 
 def default_out_dir(opts: BuildOptions) -> Path:
@@ -565,6 +588,7 @@ def stage_sparsify(ctx: BuildContext) -> StageOutcome:
             method=ctx.options.sparsity_method,
             seed=ctx.options.seed,
             compensate=ctx.options.compensate,
+            dense_layers=tuple(ctx.options.sparsity_dense),
         ),
         input_shape=ctx.input_shape,
         reference_macs=ctx.manifest.payload["headline"]["dense_macs"] if spec.tome else None,

@@ -124,6 +124,14 @@ def test_console_script_reports_one_line(in_tmp):
             ["--model", "test_vit", "--sparsity", "12:13"],
             "no layer of VisionTransformer can hold it",
         ),
+        (
+            ["--model", "test_vit", "--sparsity", "2:4", "--sparsity-dense", "blocks.9*"],
+            "'blocks.9\\*' matches no Linear/Conv2d layer",
+        ),
+        (
+            ["--model", "test_vit", "--sparsity-dense", "blocks.0.*"],
+            "--sparsity-dense names layers to leave dense under --sparsity N:M",
+        ),
     ],
 )
 def test_bad_pruning_input(in_tmp, capsys, argv, pattern):

@@ -119,6 +119,35 @@ def test_probe_patterns_and_the_classifier_option(demo_model, calib):
     assert (grouped(head_mask, 16).sum(-1) == 8).all()
 
 
+def test_dense_layers_stay_dense_and_say_why(demo_model, calib, demo_2to4):
+    """`dense_layers` patterns: the matched layers keep every weight (bitwise the dense model's),
+    the report names the pattern, the others are sparsified as without it; a pattern matching
+    no layer is a one-line UserError."""
+    config = SparsityConfig(2, 4, "magnitude", permute=False, dense_layers=("blocks.0.*",))
+    result = sparsify(demo_model, calib, config, input_shape=DEMO_SHAPE)
+    assert not any(name.startswith("blocks.0.") for name in result.masks)
+    assert result.headline["sparse_layers"] == demo_2to4.headline["sparse_layers"] - 4
+    dense = dict(demo_model.named_parameters())
+    for name in ("blocks.0.attn.qkv.weight", "blocks.0.mlp.fc2.weight"):
+        assert torch.equal(dict(result.model.named_parameters())[name], dense[name])
+    assert (dict(result.model.named_parameters())["blocks.1.mlp.fc1.weight"] == 0).any()
+    layers = {row["name"]: row for row in result.report["layers"]}
+    assert (
+        layers["blocks.0.attn.qkv"]["reason"]
+        == "kept dense: matches dense_layers pattern 'blocks.0.*'"
+    )
+    assert set(result.masks) == {n for n in demo_2to4.masks if not n.startswith("blocks.0.")}
+    with pytest.raises(UserError, match="'block.*' matches no Linear/Conv2d layer"):
+        sparsify(
+            demo_model,
+            calib,
+            SparsityConfig(2, 4, dense_layers=("block.*",)),
+            input_shape=DEMO_SHAPE,
+        )
+    with pytest.raises(UserError, match="tuple of patterns"):
+        SparsityConfig(2, 4, dense_layers="blocks.0.*")
+
+
 def test_a_pattern_with_no_eligible_layer_is_one_user_error_line():
     model = nn.Sequential(
         nn.Conv2d(3, 6, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)

@@ -18,6 +18,7 @@ STEM_REASON = "stem: reads the {cin}-channel image"
 CLASSIFIER_REASON = "classifier head (include_classifier=False)"
 GROUPED_CONV_REASON = "grouped/depthwise conv (groups={groups}): no sparse tensor-core kernel"
 NOT_MULTIPLE_REASON = "{what} {size} is not a multiple of n={n}"
+DENSE_REASON = "kept dense: matches dense_layers pattern '{pattern}'"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,3 +103,31 @@ def kept_per_group(tensor: torch.Tensor, n: int) -> torch.Tensor:
 def conforms(weight: torch.Tensor, k: int, n: int) -> bool:
     """True when every group keeps at most k of its n weights (what TensorRT's check asks)."""
     return bool((kept_per_group(weight, n) <= k).all())
+
+
+def keep_dense(layouts: list[LayerLayout], patterns: tuple[str, ...]) -> list[LayerLayout]:
+    """Layers whose module name matches one of `patterns` (shell-style, `fnmatch`) stay dense.
+
+    A pattern that matches no Linear/Conv2d of the model is a UserError (a typo would otherwise
+    sparsify everything); one that matches only layers that are ineligible anyway is fine."""
+    import dataclasses
+    from fnmatch import fnmatchcase
+
+    from mpdeploy.errors import UserError
+
+    out = []
+    for lay in layouts:
+        match = next((p for p in patterns if fnmatchcase(lay.name, p)), None)
+        if match is not None and lay.eligible:
+            lay = dataclasses.replace(
+                lay, eligible=False, reason=DENSE_REASON.format(pattern=match)
+            )
+        out.append(lay)
+    for pattern in patterns:
+        if not any(fnmatchcase(lay.name, pattern) for lay in layouts):
+            names = ", ".join(lay.name for lay in layouts[:3])
+            raise UserError(
+                f"--sparsity-dense '{pattern}' matches no Linear/Conv2d layer of the model "
+                f"(module names such as {names}; shell-style patterns, e.g. 'blocks.0.*')"
+            )
+    return out

@@ -27,7 +27,7 @@ from torch import nn
 from mpdeploy.errors import UserError
 from mpdeploy.fileio import atomic_path, read_json, write_json
 from mpdeploy.prune import cast, permute
-from mpdeploy.prune.layout import LayerLayout, conforms, layer_layouts
+from mpdeploy.prune.layout import LayerLayout, conforms, keep_dense, layer_layouts
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,9 @@ class SparsityConfig:
     # the stage reads the first ⌊calib_macs / MACs per image⌋ images (at least 64); None = all.
     # ViT-B/16: 68 of 256; the suite's digits models: every image.
     calib_macs: float | None = 1.2e12
+    # module-name patterns (shell-style) of layers to leave dense, e.g. ("blocks.0.*",); each
+    # must match a Linear/Conv2d of the model (layout.keep_dense)
+    dense_layers: tuple[str, ...] = ()
 
     def __post_init__(self):
         from mpdeploy.prune.compensate import parse_compensation
@@ -86,6 +89,10 @@ class SparsityConfig:
         check_method(self.method)
         if self.max_rows < 1:
             raise UserError(f"max_rows must be at least 1 (got {self.max_rows})")
+        if isinstance(self.dense_layers, str) or not all(
+            isinstance(p, str) and p for p in self.dense_layers
+        ):
+            raise UserError(f"dense_layers must be a tuple of patterns (got {self.dense_layers!r})")
         if self.sequential not in SEQUENTIAL:
             raise UserError(
                 f"unknown sequential mode '{self.sequential}': use {', '.join(SEQUENTIAL)}"
@@ -172,8 +179,14 @@ def sparsify(
         : budget_images(model, calib_images.shape[0], config, input_shape)
     ]
     timing: dict[str, float] = {}
-    layouts = layer_layouts(
-        model, config.n, include_classifier=config.include_classifier, image_channels=input_shape[0]
+    layouts = keep_dense(
+        layer_layouts(
+            model,
+            config.n,
+            include_classifier=config.include_classifier,
+            image_channels=input_shape[0],
+        ),
+        config.dense_layers,
     )
     _require_eligible(model, layouts, config)
     eligible = {lay.name: lay.eligible for lay in layouts}
