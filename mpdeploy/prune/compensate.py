@@ -377,27 +377,11 @@ def _check_layer(module: nn.Module, name: str) -> None:
         raise UserError(f"compensation does not support grouped convs ({name})")
 
 
-def ill_posed_layers(
-    stats: Mapping[str, _LayerStats], layers: list[LayerFit], images: int
-) -> dict[str, int]:
-    """Layers with fewer calibration rows than unknowns per output row → images they would need.
-
-    Those layers get the `bias` fit instead of `lsq` (a warning says so): least squares on fewer
-    rows than unknowns reproduces the calibration rows exactly and little else.
-    """
-    needs = {}
-    for layer in layers:
-        need = _images_needed(stats[layer.name], layer, images)
-        if need:
-            needs[layer.name] = need
-    if needs:
-        _warn_ill_posed(needs, images)
-    return needs
-
-
 def _images_needed(s: _LayerStats, layer: LayerFit, images: int) -> int:
     """0 when the layer has at least as many calibration rows as unknowns per output row, else
-    the number of images it would need."""
+    the number of images it would need. Such layers get the `bias` fit instead of `lsq` (one
+    warning names the worst): least squares on fewer rows than unknowns reproduces the
+    calibration rows exactly and little else."""
     unknowns = _max_unknowns(layer, s) if s.need_gram else 0
     if s.rows >= unknowns:
         return 0

@@ -10,9 +10,12 @@ layout; masks are built there and folded back with `ungrouped`.
 from __future__ import annotations
 
 import dataclasses
+from fnmatch import fnmatchcase
 
 import torch
 from torch import nn
+
+from mpdeploy.errors import UserError
 
 STEM_REASON = "stem: reads the {cin}-channel image"
 CLASSIFIER_REASON = "classifier head (include_classifier=False)"
@@ -110,11 +113,6 @@ def keep_dense(layouts: list[LayerLayout], patterns: tuple[str, ...]) -> list[La
 
     A pattern that matches no Linear/Conv2d of the model is a UserError (a typo would otherwise
     sparsify everything); one that matches only layers that are ineligible anyway is fine."""
-    import dataclasses
-    from fnmatch import fnmatchcase
-
-    from mpdeploy.errors import UserError
-
     out = []
     for lay in layouts:
         match = next((p for p in patterns if fnmatchcase(lay.name, p)), None)
