@@ -200,6 +200,15 @@ def check_option_values(opts: BuildOptions) -> None:
         validate_model_name(opts.model_name)
 
 
+def stage_options(previous: dict[str, Any], overrides: dict[str, Any]) -> BuildOptions:
+    """A build's recorded options with a one-stage command's overrides on top. Turning N:M off
+    (`prune --sparsity off`) also drops the layers `--sparsity-dense` kept dense under it."""
+    merged = {**previous, **overrides}
+    if merged.get("sparsity") in (None, "", "off"):
+        merged["sparsity_dense"] = ()
+    return BuildOptions.from_dict(merged)
+
+
 def validate_stage_options(options: BuildOptions, overrides: dict[str, Any]) -> None:
     """A one-stage command's options, merged with the build's, checked before anything runs."""
     from mpdeploy.backends import get_backend
@@ -1055,7 +1064,7 @@ def run_stages_on(
     manifest = Manifest.load(build_dir)
     previous = manifest.options
     try:
-        options = BuildOptions.from_dict({**previous, **(overrides or {})})
+        options = stage_options(previous, overrides or {})
     except TypeError as exc:
         raise UserError(
             f"{build_dir}/manifest.json: options do not fit this mpdeploy ({exc})"

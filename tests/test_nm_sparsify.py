@@ -148,6 +148,19 @@ def test_dense_layers_stay_dense_and_say_why(demo_model, calib, demo_2to4):
         SparsityConfig(2, 4, dense_layers="blocks.0.*")
 
 
+def test_a_stage_command_turning_sparsity_off_drops_the_dense_patterns():
+    from mpdeploy.pipeline import BuildOptions, check_option_values, stage_options
+
+    built = BuildOptions(sparsity="2:4", sparsity_dense=("blocks.0.*",)).to_dict()
+    assert stage_options(built, {}).sparsity_dense == ("blocks.0.*",)  # the JSON list → tuple
+    assert stage_options(built, {"sparsity": "4:8"}).sparsity_dense == ("blocks.0.*",)
+    off = stage_options(built, {"sparsity": "off"})
+    assert off.sparsity_dense == ()
+    check_option_values(off)  # would refuse the patterns without --sparsity
+    with pytest.raises(UserError, match="--sparsity-dense names layers"):
+        check_option_values(BuildOptions(sparsity="off", sparsity_dense=("blocks.0.*",)))
+
+
 def test_a_pattern_with_no_eligible_layer_is_one_user_error_line():
     model = nn.Sequential(
         nn.Conv2d(3, 6, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)
