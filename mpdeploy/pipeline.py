@@ -155,6 +155,9 @@ def check_option_values(opts: BuildOptions) -> None:
     from mpdeploy.prune.nm import check_method
 
     check_method(opts.sparsity_method)
+    for pattern in opts.sparsity_dense:
+        if not pattern or any(ch in pattern for ch in "\n\r\t\x00"):
+            raise UserError(f"invalid --sparsity-dense {pattern!r}: empty or control characters")
     if opts.sparsity_dense and parse_sparsity(opts.sparsity) is None:
         raise UserError(
             "--sparsity-dense names layers to leave dense under --sparsity N:M: give one"

@@ -129,6 +129,10 @@ def test_console_script_reports_one_line(in_tmp):
             "'blocks.9\\*' matches no Linear/Conv2d layer",
         ),
         (
+            ["--model", "test_vit", "--sparsity", "2:4", "--sparsity-dense", "blocks.0\n.*"],
+            "invalid --sparsity-dense 'blocks.0\\\\n.\\*': empty or control characters",
+        ),
+        (
             ["--model", "test_vit", "--sparsity-dense", "blocks.0.*"],
             "--sparsity-dense names layers to leave dense under --sparsity N:M",
         ),
