@@ -147,7 +147,7 @@ def validate_options(opts: BuildOptions) -> None:
 
 def check_option_values(opts: BuildOptions) -> None:
     """The checks that need nothing but the values (also run by the one-stage commands)."""
-    if any(ch in str(opts.model) for ch in "\n\r\t\x00"):
+    if _has_control_characters(str(opts.model)):
         raise UserError(f"invalid --model {opts.model!r}: control characters in a model name")
     if not 0.0 <= opts.target_macs <= 0.95:
         raise UserError(f"--target-macs must be in [0, 0.95] (got {opts.target_macs})")
@@ -156,7 +156,7 @@ def check_option_values(opts: BuildOptions) -> None:
 
     check_method(opts.sparsity_method)
     for pattern in opts.sparsity_dense:
-        if not pattern or any(ch in pattern for ch in "\n\r\t\x00"):
+        if not pattern or _has_control_characters(pattern):
             raise UserError(f"invalid --sparsity-dense {pattern!r}: empty or control characters")
     if opts.sparsity_dense and parse_sparsity(opts.sparsity) is None:
         raise UserError(
@@ -203,11 +203,15 @@ def check_option_values(opts: BuildOptions) -> None:
         validate_model_name(opts.model_name)
 
 
+def _has_control_characters(text: str) -> bool:
+    return any(ch in text for ch in "\n\r\t\x00")
+
+
 def stage_options(previous: dict[str, Any], overrides: dict[str, Any]) -> BuildOptions:
     """A build's recorded options with a one-stage command's overrides on top. Turning N:M off
     (`prune --sparsity off`) also drops the layers `--sparsity-dense` kept dense under it."""
     merged = {**previous, **overrides}
-    if merged.get("sparsity") in (None, "", "off"):
+    if parse_sparsity(merged.get("sparsity")) is None:
         merged["sparsity_dense"] = ()
     return BuildOptions.from_dict(merged)
 

@@ -7,9 +7,9 @@ Uses the accuracy suite's own lite0 data (`scripts/accuracy_suite.py`: 128 calib
 
 - `grid`: `sparsify` with each METHODS × COMPS (SparsityConfig, everything else default);
   agreement and top-5 on the held-out crops, KL(dense ‖ sparse) on them and on the calibration;
-- `layers`: per-layer sensitivity: masks of one `sparsify` per method (no permutation, no
-  compensation), applied to ONE layer of the dense model at a time (with obs's updated weights);
-  agreement and KL on the held-out crops.
+- `layers`: per-layer sensitivity (`nm_sensitivity.layer_sensitivity`): masks of one
+  `sparsify` per method (no permutation, no compensation), applied to ONE layer of the dense
+  model at a time (with obs's updated weights); agreement and KL on the held-out crops.
 
     OUT=/tmp/l0nm STEPS=grid METHODS=obs,magnitude,cast COMPS=lsq+bn,none \
         nice -n 19 .venv/bin/python scripts/lite0_nm.py
@@ -18,7 +18,6 @@ Uses the accuracy suite's own lite0 data (`scripts/accuracy_suite.py`: 128 calib
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import os
 import sys
@@ -160,24 +159,17 @@ def main() -> None:
                      **score(res.model))  # fmt: skip
 
     if "layers" in STEPS:
-        per_method = {}
-        for method in METHODS:
-            cfg = SparsityConfig(k, n, method=method, compensate="none", permute=False)
-            res = sparsify(model, calib, cfg, input_shape=shape)
-            per_method[method] = res
-        names = sorted(per_method[METHODS[0]].masks)
+        from nm_sensitivity import layer_sensitivity
+
         only = os.environ.get("LAYERS")
-        for param in names:
-            if only and not any(s in param for s in only.split(",")):
-                continue
-            row = {}
-            for method, res in per_method.items():
-                hybrid = copy.deepcopy(model)
-                sparse = dict(res.model.named_parameters())[param].detach()
-                dict(hybrid.named_parameters())[param].data.copy_(sparse)
-                s = score(hybrid, calib_too=False)
-                row[method] = f"{s['agree']:.3f}/{s['kl']:.3f}"
-            emit(step="layers", param=param, shape=list(sparse.shape), **row)
+        rows: dict[str, dict[str, str]] = {}
+        for method in METHODS:
+            for r in layer_sensitivity(
+                model, calib, held.images, k, n, method, only.split(",") if only else None
+            ):
+                rows.setdefault(r["layer"], {})[method] = f"{r['agreement']:.3f}/{r['kl']:.3f}"
+        for name in sorted(rows):
+            emit(step="layers", param=f"{name}.weight", **rows[name])
 
 
 if __name__ == "__main__":

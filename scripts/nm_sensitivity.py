@@ -44,8 +44,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def layer_sensitivity(model, calib, images, k: int, n: int, method: str) -> list[dict]:
-    """One row per eligible layer: agreement and KL of the model with only that layer k:n."""
+def _logits(model, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(batch) for batch in images.split(batch_size)])
+
+
+def layer_sensitivity(
+    model, calib, images, k: int, n: int, method: str, only: list[str] | None = None
+) -> list[dict]:
+    """One row per eligible layer (whose name contains one of `only`, when given): agreement and
+    KL of the model with only that layer k:n."""
     from mpdeploy.prune.macs import count_macs
     from mpdeploy.prune.nm import SparsityConfig, sparsify
 
@@ -55,16 +63,17 @@ def layer_sensitivity(model, calib, images, k: int, n: int, method: str) -> list
     result = sparsify(model, calib, config, input_shape=shape)
     macs = {layer.name: layer.macs for layer in count_macs(model, (1, *shape)).layers}
     total = sum(macs.values()) or 1
-    with torch.no_grad():
-        dense = model(images)
+    dense = _logits(model, images)
     log_p = F.log_softmax(dense, -1)
     sparse = dict(result.model.named_parameters())
     rows = []
     for param in sorted(result.masks):
+        if only and not any(part in param for part in only):
+            continue
         hybrid = copy.deepcopy(model)
         with torch.no_grad():
             hybrid.get_parameter(param).copy_(sparse[param])
-            out = hybrid(images)
+        out = _logits(hybrid, images)
         kl = F.kl_div(F.log_softmax(out, -1), log_p, log_target=True, reduction="batchmean")
         name = param.rpartition(".")[0]
         rows.append(

@@ -144,8 +144,7 @@ def compensate(
         norms = following_norms(pruned, [layer.name for layer in layers], calib[:1])
         if config.inputs == "sequential":
             layers = forward_order(pruned, layers, calib[:1])
-            stats = _LazyStats(dense, pruned, calib, config, need_gram=fit_part == "lsq")
-            stats.layers = {layer.name: layer for layer in layers}
+            stats = _LazyStats(dense, pruned, calib, layers, config, need_gram=fit_part == "lsq")
         else:
             stats = collect_statistics(
                 dense, pruned, calib, layers, config, need_gram=fit_part == "lsq"
@@ -331,10 +330,10 @@ class _LazyStats:
     """`inputs="sequential"`: a layer's statistics are collected when first asked for, after
     every layer before it in forward order has been re-fitted (one partial paired pass each)."""
 
-    def __init__(self, dense, pruned, calib, config: CompensateConfig, *, need_gram: bool):
+    def __init__(self, dense, pruned, calib, layers, config: CompensateConfig, *, need_gram: bool):
         self.args = (dense, pruned, calib)
         self.config, self.need_gram = config, need_gram
-        self.layers: dict[str, LayerFit] = {}
+        self.layers: dict[str, LayerFit] = {layer.name: layer for layer in layers}
         self.last: tuple[str, _LayerStats] | None = None
 
     def __getitem__(self, name: str) -> _LayerStats:
