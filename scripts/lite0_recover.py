@@ -10,6 +10,9 @@ warm-up + cosine over STEPS, BatchNorm statistics frozen, N:M masks re-applied) 
   (`mpdeploy.data.calibration.PhotoCropStream` over `lite0_calibration.WIDE_PHOTOS`);
 - `fixed`: the suite's 128 fixed calibration crops, reshuffled (what recovery did before).
 
+MIX=mixup|cutmix blends each crop of a batch with another one of it (teacher and student see the
+same blend); MIX=none (default) feeds the crops as they are.
+
 Every EVAL steps: top-1 agreement with dense on the split's held-out crops, and the KL there.
 One JSON line per evaluation on stdout and in $OUT/log.jsonl.
 
@@ -44,9 +47,29 @@ LR = float(os.environ.get("LR", "3e-4"))
 DATA = os.environ.get("DATA", "stream")
 SPLIT = os.environ.get("SPLIT", "val")
 SEED = int(os.environ.get("SEED", "0"))
+MIX = os.environ.get("MIX", "none")  # none | mixup | cutmix: teacher and student see the same mix
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 
 emit = jsonl_emitter(OUT)
+
+
+def mix(images: torch.Tensor, how: str, generator: torch.Generator) -> torch.Tensor:
+    """Each image blended with another of the batch (mixup, weight ~ U(0, 1)) or with a box of it
+    pasted in (cutmix): new inputs for function matching, same for teacher and student."""
+    if how == "none":
+        return images
+    partner = images[torch.randperm(len(images), generator=generator)]
+    lam = torch.rand(len(images), generator=generator)
+    if how == "mixup":
+        return lam.view(-1, 1, 1, 1) * images + (1 - lam.view(-1, 1, 1, 1)) * partner
+    out = images.clone()
+    h, w = images.shape[-2:]
+    for i, share in enumerate(lam.tolist()):
+        bh, bw = int(h * share**0.5), int(w * share**0.5)
+        y = int(torch.randint(0, h - bh + 1, (1,), generator=generator))
+        x = int(torch.randint(0, w - bw + 1, (1,), generator=generator))
+        out[i, :, y : y + bh, x : x + bw] = partner[i, :, y : y + bh, x : x + bw]
+    return out
 
 
 def main() -> None:
@@ -82,7 +105,7 @@ def main() -> None:
         kl = torch.nn.functional.kl_div(
             out.log_softmax(1), ref.log_softmax(1), log_target=True, reduction="batchmean"
         )
-        emit(step=step, method=METHOD, target=TARGET, compensate=COMP, data=DATA, batch=BATCH,
+        emit(step=step, method=METHOD, target=TARGET, compensate=COMP, data=DATA, batch=BATCH, mix=MIX,
              lr=LR, steps=STEPS, split=SPLIT, seed=SEED, seconds=round(seconds, 1),
              agree=round(float((out.argmax(1) == held.labels).double().mean()), 4),
              kl=round(float(kl), 4))  # fmt: skip
@@ -110,6 +133,7 @@ def main() -> None:
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                     m.eval()
             images = torch.stack([dataset[int(i)][0] for i in order[first : first + BATCH]])
+            images = mix(images, MIX, generator)
             labels = torch.full((BATCH,), -1)
             with torch.no_grad():
                 teacher_logits = teacher(images)

@@ -6,7 +6,9 @@ the head size allows) and never below one head or 8 channels. All chunks are ran
 score per MAC; a plan is a prefix of that ranking. The prefix is chosen with MAC estimates, then
 corrected with `count_macs` on the actually cut model until the reduction is within tolerance.
 `prune_model` runs the whole prune stage: score, plan, cut, compensate (`prune/compensate.py`),
-measure.
+measure. With `steps` > 1 the units are chosen in that many steps of equal MAC share, each scored
+on the model the previous steps cut and compensated; the final cut and one compensation are then
+made from the dense model (docs/pruning.md, "Pruning in steps").
 """
 
 from __future__ import annotations
@@ -51,9 +53,14 @@ class PruneConfig:
     # every image. ViT-B/16 (17.6 GMAC per image): 34 and 68 images; ResNet-50 (4.09 GMAC): 146 and 293.
     score_macs: float | None = 6e11
     compensate_macs: float | None = 1.2e12
+    # choose the units in this many steps, re-scoring after each (1 = one shot; each further step
+    # costs one more score pass and one compensation of an intermediate model)
+    steps: int = 1
 
     def __post_init__(self):
         parse_compensation(self.compensate)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise UserError(f"prune steps must be an integer ≥ 1 (got {self.steps!r})")
         for name in ("score_macs", "compensate_macs"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
@@ -89,8 +96,8 @@ def prune_model(
     input_shape: tuple[int, int, int] | None = None,
 ) -> PruneResult:
     """Remove the lowest-importance units of a copy of `model` until `target_macs` is reached."""
-    from mpdeploy.families.surgery import group_widths, keep_indices, prune_groups
-    from mpdeploy.prune.criteria import ScoringContext, get_criterion
+    from mpdeploy.families.surgery import group_widths
+    from mpdeploy.prune.criteria import get_criterion
     from mpdeploy.prune.macs import count_macs
 
     if not 0.0 < config.target_macs < 1.0:
@@ -105,52 +112,17 @@ def prune_model(
         if calib is None:
             raise UserError("prune_model needs input_shape or a calibration batch")
         input_shape = tuple(calib.shape[1:])
-    groups = family.channel_groups(model)
-    dense_count = count_macs(model, (1, *input_shape))
-    unit_macs = estimate_unit_macs(model, groups, family, dense_count)
-    split = calibration_split(calib, dense_count.total_macs, config)
-    if split["score_images"] < split["images"] or split["compensate_images"] < split["images"]:
-        log.info(
-            "prune: scores read %d and compensation %d of the %d calibration images "
-            "(MAC budgets of the passes, docs/pruning.md)",
-            split["score_images"],
-            split["compensate_images"],
-            split["images"],
-        )
-    score_calib = None if calib is None else calib[: split["score_images"]]
+    if config.steps > 1:
+        sel, step_log = _select_in_steps(model, calib, spectrum, config, input_shape, criterion)
+    else:
+        sel, step_log = _select(model, calib, spectrum, config, input_shape, criterion), []
+    groups, removed, dense_count, split = sel.groups, sel.removed, sel.dense_count, sel.split
     comp_calib = None if calib is None else calib[: split["compensate_images"]]
-    ctx = ScoringContext(
-        calib=score_calib,
-        budget_weights=budget_weights(spectrum),
-        unit_macs=unit_macs,
-        seed=config.seed,
-        batch_size=config.batch_size,
-    )
-    criterion.check(ctx)
-    scores = criterion.unit_scores(model, groups, ctx)
-    chunks = rank_chunks(groups, scores, unit_macs, config.round_to)
-
-    counts: dict[frozenset, Any] = {}  # MacCount of every plan the search measured
-
-    def measure(removed: dict[str, set[int]], *, share_weights: bool = False) -> nn.Module:
-        # a MAC trial needs only the cut architecture: its copy shares the dense tensors (surgery
-        # slices into new tensors and never writes into old ones), so trials copy no weights
-        tensors = (*model.parameters(), *model.buffers()) if share_weights else ()
-        memo = {id(t): t for t in tensors}
-        return prune_groups(copy.deepcopy(model, memo), keep_indices(groups, removed))
-
-    def reduction(removed: dict[str, set[int]]) -> float:
-        count = count_macs(measure(removed, share_weights=True), (1, *input_shape))
-        counts[_plan_key(removed)] = count
-        return 1.0 - count.total_macs / dense_count.total_macs
-
-    selected, trials = choose_chunks(chunks, dense_count.total_macs, config, reduction)
-    removed = removed_units(selected)
-    pruned = measure(removed).eval()
+    pruned = _cut(model, groups, removed).eval()
     dense_logits = _DenseLogits(comp_calib)
     with dense_logits.watching(model):  # compensation's dense pass gives the headline's logits
         compensation = _compensate(model, pruned, comp_calib, groups, removed, config)
-    pruned_count = counts.get(_plan_key(removed)) or count_macs(pruned, (1, *input_shape))
+    pruned_count = sel.counts.get(_plan_key(removed)) or count_macs(pruned, (1, *input_shape))
     widths = group_widths(pruned)
     achieved = 1.0 - pruned_count.total_macs / dense_count.total_macs
 
@@ -175,13 +147,15 @@ def prune_model(
         "tolerance": config.tolerance,
         "round_to": config.round_to,
         "seed": config.seed,
-        "budget_weights_from": "spectrum" if ctx.budget_weights else "none (all 1.0)",
-        "uses_budget_weights": criterion.uses_budget_weights,
-        "mac_iterations": trials,
+        "budget_weights_from": "spectrum" if sel.ctx.budget_weights else "none (all 1.0)",
+        "uses_budget_weights": sel.uses_budget_weights,
+        "mac_iterations": sel.trials,
         "calibration": split,
         "compensation": compensation,
         "groups": [
-            group_record(g, scores[g.name], removed.get(g.name, set()), unit_macs[g.name], ctx)
+            group_record(
+                g, sel.scores[g.name], removed.get(g.name, set()), sel.unit_macs[g.name], sel.ctx
+            )
             for g in groups
         ],
         "totals": {
@@ -192,8 +166,148 @@ def prune_model(
             "units_total": sum(g.units for g in groups),
         },
     }
+    if config.steps > 1:
+        plan["steps"] = step_log
     new_spec = spec.with_widths(widths) if spec is not None else None
     return PruneResult(pruned, new_spec, plan, headline)
+
+
+@dataclasses.dataclass
+class _Selection:
+    """What one scoring-and-planning pass chose on one model (units of its own groups)."""
+
+    groups: list[ChannelGroup]
+    scores: dict[str, np.ndarray]
+    unit_macs: dict[str, float]
+    removed: dict[str, set[int]]
+    trials: list[dict[str, Any]]  # the MAC search's trials (choose_chunks)
+    dense_count: Any  # MacCount of the model the pass read
+    split: dict[str, Any]
+    counts: dict[frozenset, Any]  # MacCount of every plan the search measured
+    ctx: Any
+    uses_budget_weights: bool
+
+
+def _cut(model: nn.Module, groups: list[ChannelGroup], removed, *, share_weights=False):
+    """A copy of `model` without the `removed` units; with `share_weights` the copy shares the
+    dense tensors (surgery slices into new tensors and never writes into old ones), for MAC
+    trials that need only the cut architecture."""
+    from mpdeploy.families.surgery import keep_indices, prune_groups
+
+    tensors = (*model.parameters(), *model.buffers()) if share_weights else ()
+    memo = {id(t): t for t in tensors}
+    return prune_groups(copy.deepcopy(model, memo), keep_indices(groups, removed))
+
+
+def _select(
+    model: nn.Module,
+    calib: torch.Tensor | None,
+    spectrum: Any,
+    config: PruneConfig,
+    input_shape: tuple[int, ...],
+    criterion: Any,
+) -> _Selection:
+    """Score `model`'s units and choose the chunks that reach `config.target_macs` of its MACs."""
+    from mpdeploy.prune.criteria import ScoringContext
+    from mpdeploy.prune.macs import count_macs
+
+    family = get_family(model)
+    groups = family.channel_groups(model)
+    dense_count = count_macs(model, (1, *input_shape))
+    unit_macs = estimate_unit_macs(model, groups, family, dense_count)
+    split = calibration_split(calib, dense_count.total_macs, config)
+    if split["score_images"] < split["images"] or split["compensate_images"] < split["images"]:
+        log.info(
+            "prune: scores read %d and compensation %d of the %d calibration images "
+            "(MAC budgets of the passes, docs/pruning.md)",
+            split["score_images"],
+            split["compensate_images"],
+            split["images"],
+        )
+    ctx = ScoringContext(
+        calib=None if calib is None else calib[: split["score_images"]],
+        budget_weights=budget_weights(spectrum),
+        unit_macs=unit_macs,
+        seed=config.seed,
+        batch_size=config.batch_size,
+    )
+    criterion.check(ctx)
+    scores = criterion.unit_scores(model, groups, ctx)
+    chunks = rank_chunks(groups, scores, unit_macs, config.round_to)
+    counts: dict[frozenset, Any] = {}
+
+    def reduction(removed: dict[str, set[int]]) -> float:
+        count = count_macs(_cut(model, groups, removed, share_weights=True), (1, *input_shape))
+        counts[_plan_key(removed)] = count
+        return 1.0 - count.total_macs / dense_count.total_macs
+
+    selected, trials = choose_chunks(chunks, dense_count.total_macs, config, reduction)
+    return _Selection(
+        groups,
+        scores,
+        unit_macs,
+        removed_units(selected),
+        trials,
+        dense_count,
+        split,
+        counts,
+        ctx,
+        criterion.uses_budget_weights,
+    )
+
+
+def _select_in_steps(
+    model: nn.Module,
+    calib: torch.Tensor | None,
+    spectrum: Any,
+    config: PruneConfig,
+    input_shape: tuple[int, ...],
+    criterion: Any,
+) -> tuple[_Selection, list[dict[str, Any]]]:
+    """`config.steps` selections of equal MAC share (step i reaches i/steps of the target, in
+    dense MACs), each on the model the earlier ones cut and compensated, composed into one
+    selection of the dense model's units. The MP budget weights are the dense spectrum's (layer
+    names do not change); the plan records the first step's scores (the dense model's)."""
+    from mpdeploy.prune.macs import count_macs
+
+    first: _Selection | None = None
+    dense_groups: list[ChannelGroup] = []
+    kept: dict[str, list[int]] = {}  # group → dense unit indices still kept
+    current, log_steps, trials = model, [], []
+    dense_macs = float(count_macs(model, (1, *input_shape)).total_macs)
+    for step in range(1, config.steps + 1):
+        done = 1.0 - count_macs(current, (1, *input_shape)).total_macs / dense_macs
+        goal = config.target_macs * step / config.steps
+        share = 1.0 - (1.0 - goal) / (1.0 - done)  # of the current model's MACs
+        step_config = dataclasses.replace(config, target_macs=share, steps=1)
+        sel = _select(current, calib, spectrum, step_config, input_shape, criterion)
+        trials += [{"step": step, **trial} for trial in sel.trials]
+        if first is None:
+            first, dense_groups = sel, sel.groups
+            kept = {g.name: list(range(g.units)) for g in dense_groups}
+        for group in sel.groups:
+            gone = sel.removed.get(group.name, set())
+            kept[group.name] = [u for i, u in enumerate(kept[group.name]) if i not in gone]
+        log_steps.append(
+            {
+                "step": step,
+                "target_macs": round(goal, 6),
+                "of_current_macs": round(share, 6),
+                "units_removed": sum(len(u) for u in sel.removed.values()),
+            }
+        )
+        if step < config.steps:
+            cut = _cut(current, sel.groups, sel.removed).eval()
+            comp_calib = None if calib is None else calib[: sel.split["compensate_images"]]
+            _compensate(current, cut, comp_calib, sel.groups, sel.removed, step_config)
+            current = cut
+    assert first is not None
+    removed = {
+        g.name: set(range(g.units)) - set(kept[g.name])
+        for g in dense_groups
+        if len(kept[g.name]) < g.units
+    }
+    return dataclasses.replace(first, removed=removed, counts={}, trials=trials), log_steps
 
 
 def calibration_split(
