@@ -126,8 +126,13 @@ def compensate(
     calib: torch.Tensor,
     layers: list[LayerFit],
     config: CompensateConfig,
+    *,
+    known: Mapping[str, _LayerStats] | None = None,
 ) -> dict[str, Any]:
-    """Apply `config.parts` to `pruned` in place; return the record (what was done where)."""
+    """Apply `config.parts` to `pruned` in place; return the record (what was done where).
+
+    `known`: statistics of some layers already at hand (`GramStatistics`, with `inputs="dense"`
+    only); the calibration pass then collects the others alone, or is skipped."""
     parts = config.parts
     start = time.perf_counter()
     record: dict[str, Any] = {"method": config.method, "layers": {}, "calibration_images": 0}
@@ -140,17 +145,23 @@ def compensate(
         )
     record["calibration_images"] = int(calib.shape[0])
     fit_part = "lsq" if "lsq" in parts else "bias" if "bias" in parts else None
+    known = known if known is not None and config.inputs == "dense" else {}
     if fit_part and layers:
         norms = following_norms(pruned, [layer.name for layer in layers], calib[:1])
         if config.inputs == "sequential":
             layers = forward_order(pruned, layers, calib[:1])
             stats = _LazyStats(dense, pruned, calib, layers, config, need_gram=fit_part == "lsq")
         else:
-            stats = collect_statistics(
-                dense, pruned, calib, layers, config, need_gram=fit_part == "lsq"
-            )
+            missing = [layer for layer in layers if layer.name not in known]
+            stats = {}
+            if missing:
+                stats = collect_statistics(
+                    dense, pruned, calib, missing, config, need_gram=fit_part == "lsq"
+                )
         ill_posed = {}
         for layer in layers:
+            if layer.name in known and layer.name not in stats:
+                stats[layer.name] = known[layer.name]
             need = _images_needed(stats[layer.name], layer, calib.shape[0])
             if fit_part == "lsq" and need:
                 ill_posed[layer.name] = need
@@ -166,7 +177,11 @@ def compensate(
             )
             if layer.name in ill_posed:
                 entry["lsq_needs_images"] = ill_posed[layer.name]
+            if layer.name in known:
+                entry["statistics"] = "from the input Gram at hand, no pass"
             record["layers"][layer.name] = entry
+            if isinstance(stats, dict):  # a layer's sums are read once: free them
+                stats.pop(layer.name, None)
         if ill_posed:
             _warn_ill_posed(ill_posed, calib.shape[0])
             record["lsq_fell_back_to_bias"] = sorted(ill_posed)
@@ -227,6 +242,53 @@ class _LayerStats:
             self.cross[:features] += cross
             self.cross[features] += sum_y
         self.rows += rows
+
+
+def stats_from_gram(
+    gram: torch.Tensor, sum_x: torch.Tensor, rows: int, weight: torch.Tensor, bias
+) -> _LayerStats:
+    """What `collect_statistics` sums for a layer with `inputs="dense"`, from the Gram Σ x xᵀ, Σ x
+    and the count of those same input rows (an OBS capture's, prune/obs.py) and the dense layer
+    itself: its output on a row is y = W x + b, so Σ x̃ yᵀ = (Σ x̃ x̃ᵀ) [W b]ᵀ with x̃ = [x, 1].
+    The columns must be in the order of weight.reshape(out, -1) (a Linear's, a 1×1 conv's)."""
+    flat = weight.detach().reshape(weight.shape[0], -1).double()
+    features = flat.shape[1]
+    if gram.shape != (features, features):
+        raise ValueError(f"a Gram of {tuple(gram.shape)} for a weight of {features} columns")
+    s = _LayerStats(features, flat.shape[0], need_gram=True)
+    s.gram[:features, :features] = gram
+    s.gram[:features, features] = s.gram[features, :features] = sum_x
+    s.gram[features, features] = rows
+    b = torch.zeros(flat.shape[0], dtype=torch.float64) if bias is None else bias.detach().double()
+    s.cross = s.gram @ torch.cat([flat.T, b[None]])
+    s.sum_x = s.gram[features].clone()
+    s.sum_y = s.cross[features].clone()
+    s.rows = int(rows)
+    return s
+
+
+class GramStatistics(Mapping):
+    """Layer name → `stats_from_gram` of the dense model's layer, built when first read (one
+    layer's sums alive at a time). `grams`: name → (Σ x xᵀ, Σ x, rows)."""
+
+    def __init__(
+        self, dense: nn.Module, grams: Mapping[str, tuple[torch.Tensor, torch.Tensor, int]]
+    ):
+        self.dense, self.grams = dense, dict(grams)
+
+    def __getitem__(self, name: str) -> _LayerStats:
+        gram, sum_x, rows = self.grams[name]
+        module = self.dense.get_submodule(name)
+        return stats_from_gram(gram, sum_x, rows, module.weight, module.bias)
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would build the sums
+        return name in self.grams
+
+    def __iter__(self):
+        return iter(self.grams)
+
+    def __len__(self) -> int:
+        return len(self.grams)
 
 
 def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -240,7 +240,7 @@ def sparsify(
     masks = {lay.param: masks[lay.param] for lay in layouts if lay.eligible}
 
     start = time.perf_counter()
-    compensation = _compensate(reference, model, images, masks, config)
+    compensation = _compensate(reference, model, images, masks, config, moments)
     timing["compensation_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -289,16 +289,41 @@ def budget_images(
     return count
 
 
-def _compensate(reference, model, images, masks, config: SparsityConfig) -> dict[str, Any]:
-    """Re-fit the kept weights of every masked layer (`prune/compensate.py`), masks kept."""
-    from mpdeploy.prune.compensate import CompensateConfig, compensate, masked_layers
+def _compensate(reference, model, images, masks, config: SparsityConfig, moments) -> dict[str, Any]:
+    """Re-fit the kept weights of every masked layer (`prune/compensate.py`), masks kept.
+
+    After `obs` the input Grams it captured on the dense model are those the re-fit needs (same
+    images, every row): layers whose columns are in weight order (Linear, 1×1 conv) and whose
+    capture took every row get their statistics from them, and the re-fit's own pass reads only
+    the others (none on a ViT)."""
+    from mpdeploy.prune.compensate import (
+        CompensateConfig,
+        GramStatistics,
+        compensate,
+        masked_layers,
+    )
 
     if reference is None:
         return {"method": "none", "layers": {}}
     cfg = CompensateConfig(config.compensate, batch_size=config.batch_size, seed=config.seed)
-    record = compensate(reference, model, images, masked_layers(masks), cfg)
+    known = None
+    if config.method in OBS_METHODS:  # one capture, on the dense (permuted) model = reference
+        grams = {
+            name: (h.gram, h.sum_x, h.rows)
+            for name, h in moments.items()
+            if h.rows < cfg.max_rows and _columns_in_weight_order(reference.get_submodule(name))
+        }
+        known = GramStatistics(reference, grams)
+    record = compensate(reference, model, images, masked_layers(masks), cfg, known=known)
     apply_masks(model, masks)  # the fit keeps them; re-applied against rounding in the copy
     return record
+
+
+def _columns_in_weight_order(module: nn.Module) -> bool:
+    """An OBS Gram's columns (kernel pixel major, Cin minor) are weight.reshape(out, -1)'s."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
 
 
 def _capture_obs(model, names, images, config: SparsityConfig):
