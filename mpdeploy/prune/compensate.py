@@ -553,7 +553,8 @@ def solve_lsq(
             idx = support[chunk].nonzero()[:, 1].view(len(chunk), count)
             if fit_bias:
                 idx = torch.cat([idx, torch.full((len(chunk), 1), features)], 1)
-            sub = gram[idx.unsqueeze(2), idx.unsqueeze(1)] + torch.diag_embed(reg[idx])
+            sub = gram[idx.unsqueeze(2), idx.unsqueeze(1)]  # a new tensor: safe to add into
+            sub.diagonal(dim1=1, dim2=2).add_(reg[idx])
             rhs = cross[idx, chunk.unsqueeze(1)].unsqueeze(2)
             beta = _solve(sub, rhs).squeeze(2)
             weight[chunk.unsqueeze(1), idx[:, :count]] = beta[:, :count]
