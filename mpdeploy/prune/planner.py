@@ -271,20 +271,17 @@ def _select_in_steps(
     from mpdeploy.prune.macs import count_macs
 
     first: _Selection | None = None
-    dense_groups: list[ChannelGroup] = []
     kept: dict[str, list[int]] = {}  # group → dense unit indices still kept
-    current, log_steps, trials = model, [], []
-    dense_macs = float(count_macs(model, (1, *input_shape)).total_macs)
+    current, done, log_steps, trials = model, 0.0, [], []  # done: share of the dense MACs cut
     for step in range(1, config.steps + 1):
-        done = 1.0 - count_macs(current, (1, *input_shape)).total_macs / dense_macs
         goal = config.target_macs * step / config.steps
         share = 1.0 - (1.0 - goal) / (1.0 - done)  # of the current model's MACs
         step_config = dataclasses.replace(config, target_macs=share, steps=1)
         sel = _select(current, calib, spectrum, step_config, input_shape, criterion)
         trials += [{"step": step, **trial} for trial in sel.trials]
         if first is None:
-            first, dense_groups = sel, sel.groups
-            kept = {g.name: list(range(g.units)) for g in dense_groups}
+            first = sel
+            kept = {g.name: list(range(g.units)) for g in sel.groups}
         for group in sel.groups:
             gone = sel.removed.get(group.name, set())
             kept[group.name] = [u for i, u in enumerate(kept[group.name]) if i not in gone]
@@ -300,11 +297,14 @@ def _select_in_steps(
             cut = _cut(current, sel.groups, sel.removed).eval()
             comp_calib = None if calib is None else calib[: sel.split["compensate_images"]]
             _compensate(current, cut, comp_calib, sel.groups, sel.removed, step_config)
+            # the MAC search has counted this plan already (else count the cut once)
+            count = sel.counts.get(_plan_key(sel.removed)) or count_macs(cut, (1, *input_shape))
+            done = 1.0 - count.total_macs / first.dense_count.total_macs
             current = cut
     assert first is not None
     removed = {
         g.name: set(range(g.units)) - set(kept[g.name])
-        for g in dense_groups
+        for g in first.groups
         if len(kept[g.name]) < g.units
     }
     return dataclasses.replace(first, removed=removed, counts={}, trials=trials), log_steps
