@@ -70,6 +70,7 @@ class BuildOptions:
     ort_provider: str | None = None  # ONNX Runtime on cuda: cuda (default) | tensorrt
     calib: str = "builtin"
     calib_size: int = 256
+    calib_refine: int = 0  # Adam steps towards the BatchNorm statistics (mpdeploy.data.refine)
     recover_epochs: int = 0
     train: str | None = None
     max_batch: int = 64
@@ -107,6 +108,7 @@ class BuildOptions:
 # a size needs is checked against what the machine has before any work starts.
 IMG_SIZE_RANGE = (16, 2048)
 CALIB_SIZE_MAX = 100_000
+CALIB_REFINE_MAX = 10_000
 BENCH_ITERATIONS_MAX = 100_000
 
 
@@ -172,6 +174,10 @@ def check_option_values(opts: BuildOptions) -> None:
         raise UserError(f"--max-batch must be at least 1 (got {opts.max_batch})")
     if not 1 <= opts.calib_size <= CALIB_SIZE_MAX:
         raise UserError(f"--calib-size must be in [1, {CALIB_SIZE_MAX}] (got {opts.calib_size})")
+    if not 0 <= opts.calib_refine <= CALIB_REFINE_MAX:
+        raise UserError(
+            f"--calib-refine must be in [0, {CALIB_REFINE_MAX}] steps (got {opts.calib_refine})"
+        )
     if opts.num_classes is not None and opts.num_classes < 1:
         raise UserError(
             f"--num-classes must be at least 1 (got {opts.num_classes}): mpdeploy deploys "
@@ -406,6 +412,8 @@ def stage_calibrate(ctx: BuildContext) -> StageOutcome:
     from mpdeploy.data.calibration import load_calibration, save_calibration
 
     opts = ctx.options
+    if opts.calib_refine:  # an architecture the meta-device check could not build
+        _require_batchnorm(ctx.manifest.model["timm_name"], ctx.dense()[0])
     calib = load_calibration(
         opts.calib,
         opts.calib_size,
@@ -413,12 +421,57 @@ def stage_calibrate(ctx: BuildContext) -> StageOutcome:
         seed=opts.seed,
         model_name=ctx.manifest.model["timm_name"],
     )
+    if opts.calib_refine:
+        calib = _refined_calibration(ctx, calib)
     ctx.cache["calibration"] = calib
     outputs = save_calibration(calib, ctx.build_dir)
     return StageOutcome(
         outputs=outputs,
         headline={"calibration_images": len(calib), "calibration_skipped": calib.skipped},
     )
+
+
+def _require_batchnorm(name: str, model=None) -> None:
+    """`--calib-refine` needs BatchNorm layers to match: one line if the model has none."""
+    from mpdeploy.data.refine import matched_norms
+    from mpdeploy.models import meta_model, resolve_model_name
+
+    model = model if model is not None else meta_model(resolve_model_name(name))
+    if model is not None and not matched_norms(model):
+        raise UserError(
+            f"--calib-refine matches BatchNorm running statistics and {name} has no "
+            "BatchNorm2d layer (ViTs and ConvNeXts have none); drop the option"
+        )
+
+
+def _refined_calibration(ctx: BuildContext, calib):
+    """The calibration images after `--calib-refine` steps towards the BatchNorm statistics."""
+    import hashlib
+
+    from tqdm.auto import tqdm
+
+    from mpdeploy.data.refine import DEFAULT_BATCH, refine_calibration
+
+    steps = ctx.options.calib_refine
+    total = steps * -(-len(calib) // DEFAULT_BATCH)
+    with tqdm(
+        total=total,
+        desc="calib-refine",
+        unit="step",
+        leave=False,
+        disable=None if ctx.progress else True,
+    ) as bar:
+        images, record = refine_calibration(
+            ctx.dense()[0], calib.images, steps, progress=bar.update
+        )
+    log.info(
+        "calibration refined towards %d BatchNorm layers' statistics: mismatch %.3f -> %.3f",
+        record.norms,
+        record.loss_before,
+        record.loss_after,
+    )
+    digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()
+    return dataclasses.replace(calib, images=images, sha256=digest, refined=record.record())
 
 
 def stage_analyze(ctx: BuildContext) -> StageOutcome:
@@ -999,6 +1052,8 @@ def build(
         from mpdeploy.models import require_prunable
 
         require_prunable(opts.model)  # an unsupported architecture: one line, before any work
+    if opts.calib_refine and "calibrate" in stages:
+        _require_batchnorm(opts.model)  # before any work
     out = Path(opts.out) if opts.out else default_out_dir(opts)
     if out.exists() and not opts.force:
         raise UserError(f"{out} already exists; pass --force to replace it")

@@ -38,6 +38,8 @@ CASES = [
     ("max-batch-0", [*BN, "--max-batch", "0"], USAGE, "--max-batch must be at least 1"),
     ("calib-size-0", [*BN, "--calib-size", "0"], USAGE, "--calib-size must be in"),
     ("calib-size-1e9", [*BN, "--calib-size", "1000000000"], USAGE, "--calib-size must be in"),
+    ("calib-refine-negative", [*BN, "--calib-refine", "-1"], USAGE, "--calib-refine must be in"),
+    ("calib-refine-no-norms", [*BN, "--calib-refine", "2"], USAGE, "has no BatchNorm2d layer"),
     ("img-size-7", [*BN, "--img-size", "7"], USAGE, "--img-size must be in"),
     ("img-size-100000", [*BN, "--img-size", "100000"], USAGE, "--img-size must be in"),
     (

@@ -56,6 +56,7 @@ class CalibrationSet:
     sha256: str
     seed: int
     origin: str  # "builtin:photos", "builtin:digits" or the folder
+    refined: dict[str, Any] | None = None  # `refine.RefineRecord.record()` under --calib-refine
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -69,6 +70,7 @@ class CalibrationSet:
             "shape": list(self.images.shape),
             "sha256": self.sha256,
             "sources": self.sources,
+            **({"refined": self.refined} if self.refined is not None else {}),
         }
 
 
@@ -334,6 +336,7 @@ def read_calibration(build_dir: Path) -> CalibrationSet:
         record["sha256"],
         record["seed"],
         record["origin"],
+        record.get("refined"),
     )
 
 

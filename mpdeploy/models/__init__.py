@@ -394,6 +394,19 @@ def _model_img_size(model: torch.nn.Module, requested: int | None) -> int:
     return int(input_size[-1])
 
 
+def meta_model(timm_name: str) -> torch.nn.Module | None:
+    """The architecture built on the meta device (no weights, no memory), for checks before any
+    work; None for one that cannot be built there (its stage checks it later)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            return timm.create_model(timm_name)
+    except Exception:  # noqa: BLE001  (an architecture that needs real tensors to build)
+        log.debug("cannot build %s on the meta device; checked later", timm_name)
+        return None
+
+
 def require_prunable(name: str) -> None:
     """Before any work: does a family prune this architecture? One line naming the unsupported
     module type (and where) and the supported families if not.
@@ -401,16 +414,11 @@ def require_prunable(name: str) -> None:
     The architecture is built on the meta device (no weights, no memory); one that cannot be
     built there is left to the prune stage's own check.
     """
-    import timm
-
     from mpdeploy.families import get_family, supported_families
 
     timm_name = resolve_model_name(name)
-    try:
-        with torch.device("meta"):
-            probe = timm.create_model(timm_name)
-    except Exception:  # noqa: BLE001  (an architecture that needs real tensors to build)
-        log.debug("cannot build %s on the meta device; pruning support checked later", timm_name)
+    probe = meta_model(timm_name)
+    if probe is None:
         return
     try:
         get_family(probe).channel_groups(probe)
