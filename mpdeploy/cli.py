@@ -54,7 +54,7 @@ def calib_options(fn):
         show_default=True,
         metavar="STEPS",
         help="BatchNorm networks: move the calibration pixels for STEPS Adam steps (per batch of "
-        "32) towards the model's BatchNorm running statistics. Helped 2:4 and hurt 30 %% "
+        "32) towards the model's BatchNorm running statistics. Helped 2:4 and hurt 30 % "
         "structured pruning of efficientnet-lite0 on the builtin photos (docs/pruning.md); "
         "~5 s per step per 32 images at 224 px on 2 cores; try 40. 0 = off.",
     )(fn)
