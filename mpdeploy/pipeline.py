@@ -412,8 +412,6 @@ def stage_calibrate(ctx: BuildContext) -> StageOutcome:
     from mpdeploy.data.calibration import load_calibration, save_calibration
 
     opts = ctx.options
-    if opts.calib_refine:  # an architecture the meta-device check could not build
-        _require_batchnorm(ctx.manifest.model["timm_name"], ctx.dense()[0])
     calib = load_calibration(
         opts.calib,
         opts.calib_size,
@@ -431,12 +429,13 @@ def stage_calibrate(ctx: BuildContext) -> StageOutcome:
     )
 
 
-def _require_batchnorm(name: str, model=None) -> None:
-    """`--calib-refine` needs BatchNorm layers to match: one line if the model has none."""
+def _require_batchnorm(name: str) -> None:
+    """`--calib-refine` needs BatchNorm layers to match: one line if the model has none. An
+    architecture the meta device cannot build is refused by `refine_calibration` itself."""
     from mpdeploy.data.refine import matched_norms
     from mpdeploy.models import meta_model, resolve_model_name
 
-    model = model if model is not None else meta_model(resolve_model_name(name))
+    model = meta_model(resolve_model_name(name))
     if model is not None and not matched_norms(model):
         raise UserError(
             f"--calib-refine matches BatchNorm running statistics and {name} has no "
@@ -446,10 +445,9 @@ def _require_batchnorm(name: str, model=None) -> None:
 
 def _refined_calibration(ctx: BuildContext, calib):
     """The calibration images after `--calib-refine` steps towards the BatchNorm statistics."""
-    import hashlib
-
     from tqdm.auto import tqdm
 
+    from mpdeploy.data.calibration import images_sha256
     from mpdeploy.data.refine import DEFAULT_BATCH, refine_calibration
 
     steps = ctx.options.calib_refine
@@ -470,8 +468,9 @@ def _refined_calibration(ctx: BuildContext, calib):
         record.loss_before,
         record.loss_after,
     )
-    digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()
-    return dataclasses.replace(calib, images=images, sha256=digest, refined=record.record())
+    return dataclasses.replace(
+        calib, images=images, sha256=images_sha256(images), refined=record.record()
+    )
 
 
 def stage_analyze(ctx: BuildContext) -> StageOutcome:

@@ -129,8 +129,12 @@ def load_calibration(
         images, sources, skipped = _folder_images(Path(source), size, seed)
         origin = str(Path(source).resolve())
     batch = torch.stack([transform(img) for img in images]).float().contiguous()
-    digest = hashlib.sha256(batch.numpy().tobytes()).hexdigest()
-    return CalibrationSet(batch, sources, skipped, digest, seed, origin)
+    return CalibrationSet(batch, sources, skipped, images_sha256(batch), seed, origin)
+
+
+def images_sha256(images: torch.Tensor) -> str:
+    """The sha256 recorded in calibration.json: of the preprocessed float32 tensor's bytes."""
+    return hashlib.sha256(images.numpy().tobytes()).hexdigest()
 
 
 def check_calibration_memory(size: int, input_size: Sequence[int]) -> None:
