@@ -1,5 +1,6 @@
-"""Plan tiers: groups a family marks as fragile (EfficientNet blocks without a skip connection) are
-cut only after every other group's chunks, so a target the others can reach leaves them whole."""
+"""Plan tiers: groups a family marks as fragile (EfficientNet blocks without a skip connection, and
+the head conv the classifier reads) are cut only after every other group's chunks, so a target the
+others can reach leaves them whole."""
 
 from __future__ import annotations
 
@@ -52,7 +53,10 @@ def test_efficientnet_blocks_without_skip_are_cut_last():
                 if not block.has_skip:
                     skipless.add(name)
     assert {"blocks.1.0", "blocks.2.0", "blocks.4.0"} <= skipless
-    assert plan_tier(groups["conv_head"]) == 0 and plan_tier(groups["blocks.2.1"]) == 0
+    # the head conv: the classifier reads its channels directly, no skip bypasses their cut
+    assert plan_tier(groups["conv_head"]) == 1
+    skipless.add("conv_head")
+    assert plan_tier(groups["blocks.2.1"]) == 0 and plan_tier(groups["conv_stem"]) == 0
     calib = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))  # small: fast
 
     def cut(target):
