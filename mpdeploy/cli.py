@@ -568,7 +568,7 @@ def _terminate_like_interrupt():
     import signal
     import threading
 
-    from mpdeploy.errors import Terminated
+    from mpdeploy.errors import Terminated, clear_termination, note_termination
 
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
@@ -576,6 +576,7 @@ def _terminate_like_interrupt():
 
     def terminate(signum, frame):
         received.append(signum)
+        note_termination(signum)  # raised again between stages if this raise is swallowed
         if _swallows_exceptions(frame):  # retry in 50 ms rather than lose the signal
             signal.setitimer(signal.ITIMER_REAL, 0.05)
             return
@@ -592,6 +593,7 @@ def _terminate_like_interrupt():
 
     def restore():
         signal.setitimer(signal.ITIMER_REAL, 0)
+        clear_termination()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

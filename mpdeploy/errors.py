@@ -47,12 +47,34 @@ class DiskError(UserError):
 class Terminated(BaseException):
     """SIGTERM/SIGHUP arrived: unwinds like Ctrl-C so every `finally` removes partial output.
 
-    A BaseException so that no `except Exception` in a stage can swallow it.
+    A BaseException so that no `except Exception` in a stage can swallow it. A bare `except:` in
+    third-party code still can (Polygraphy's `LazyModule.is_importable` wraps an import in one,
+    and export and verify import lazily: CI 2026-11-28 saw a SIGTERM-ed build finish with exit 0),
+    so the signal is also noted (`note_termination`) and raised again between stages
+    (`raise_if_terminated`).
     """
 
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
+
+
+_TERMINATION: list[int] = []  # signals received since `note_termination` was armed
+
+
+def note_termination(signum: int) -> None:
+    _TERMINATION.append(signum)
+
+
+def clear_termination() -> None:
+    _TERMINATION.clear()
+
+
+def raise_if_terminated() -> None:
+    """Raise `Terminated` again if a termination signal arrived, in case its first raise was
+    swallowed where it landed."""
+    if _TERMINATION:
+        raise Terminated(_TERMINATION[0])
 
 
 def one_line(exc: BaseException, limit: int = 200) -> str:

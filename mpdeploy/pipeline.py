@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mpdeploy.errors import ParityError, UserError
+from mpdeploy.errors import ParityError, UserError, raise_if_terminated
 from mpdeploy.fileio import atomic_dir, remove_stale_debris, write_json
 from mpdeploy.locks import build_lock_path, exclusive
 from mpdeploy.manifest import Manifest
@@ -1006,6 +1006,7 @@ def run_stage(ctx: BuildContext, name: str) -> StageOutcome:
     ctx.cache.pop("failed_headline", None)
     try:
         outcome = STAGE_FUNCTIONS[name](ctx)
+        raise_if_terminated()  # a signal whose exception third-party code swallowed in the stage
     except UserError:
         ctx.manifest.record_stage(
             name,

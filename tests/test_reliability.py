@@ -172,6 +172,42 @@ def test_only_debris_of_dead_owners_is_stale(tmp_path):
 # ── 3. one writer per output: the second gets one line at once ─────────────────────────────
 
 
+def test_a_termination_swallowed_inside_a_stage_is_raised_again_after_it(monkeypatch):
+    """A SIGTERM whose `Terminated` lands in third-party code with a bare `except:` (Polygraphy's
+    `LazyModule.is_importable`) must not be lost: the stage loop raises it again (CI 2026-11-28:
+    a SIGTERM-ed build finished with exit 0)."""
+    from types import SimpleNamespace
+
+    from mpdeploy import pipeline
+    from mpdeploy.cli import _terminate_like_interrupt
+    from mpdeploy.errors import Terminated
+
+    swallowed = []
+
+    def stage(ctx):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises Terminated in here
+        except:  # noqa: E722 - what the third-party code does
+            swallowed.append(True)
+        return SimpleNamespace(status="done", inputs={}, outputs={}, headline={})
+
+    recorded = []
+    ctx = SimpleNamespace(
+        cache={}, manifest=SimpleNamespace(record_stage=lambda name, **kw: recorded.append(name))
+    )
+    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "swallowing", stage)
+    restore = _terminate_like_interrupt()
+    try:
+        with pytest.raises(Terminated) as raised:
+            pipeline.run_stage(ctx, "swallowing")
+    finally:
+        restore()
+    assert swallowed == [True] and raised.value.signum == signal.SIGTERM
+    assert recorded == []  # the stage is not recorded as done
+    pipeline.raise_if_terminated()  # restore() disarmed it: nothing pending afterwards
+
+
 def test_two_builds_race_for_one_output_and_sigterm_cleans_up(tmp_path):
     """Two real builds into the default output: one line at once for the loser; the winner,
     stopped by SIGTERM as `timeout`, CI cancels and Kubernetes do, leaves nothing at all."""
