@@ -568,24 +568,25 @@ def _terminate_like_interrupt():
     import signal
     import threading
 
-    from mpdeploy.errors import Terminated, clear_termination, note_termination
+    from mpdeploy.errors import clear_termination, note_termination, raise_if_terminated
 
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    received: list[int] = []
 
     def terminate(signum, frame):
-        received.append(signum)
-        note_termination(signum)  # raised again between stages if this raise is swallowed
+        note_termination(signum)  # also raised again between stages if this raise is swallowed
+        unwind(frame)
+
+    def unwind(frame):
         if _swallows_exceptions(frame):  # retry in 50 ms rather than lose the signal
             signal.setitimer(signal.ITIMER_REAL, 0.05)
             return
         for sig in (signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut cleanup short
             signal.signal(sig, signal.SIG_IGN)
-        raise Terminated(received[0])
+        raise_if_terminated()  # Terminated(the first signal noted)
 
     def retry(signum, frame):
-        terminate(received[0], frame)
+        unwind(frame)
 
     signals = (signal.SIGTERM, signal.SIGHUP)
     previous = {sig: signal.signal(sig, terminate) for sig in signals}

@@ -59,7 +59,7 @@ class Terminated(BaseException):
         self.signum = signum
 
 
-_TERMINATION: list[int] = []  # signals received since `note_termination` was armed
+_TERMINATION: list[int] = []  # signals noted by the CLI's handler since it was installed
 
 
 def note_termination(signum: int) -> None:
