@@ -193,10 +193,11 @@ def test_bf16_build_runs_bf16_and_passes_bf16_parity(tmp_path):
     from mpdeploy.backends.base import PRECISION_TOLERANCES
     from mpdeploy.pipeline import BuildOptions, build
 
+    # the trained demo model, not random weights: a random test_vit's logits are near ties
+    # (median top-1 margin 0.017, measured on an AVX512_BF16 machine), so bf16 rounding flipped
+    # one of 8 top-1s there and failed the 95 % agreement for a reason no real model has
     result = build(
         BuildOptions(
-            model="test_vit",
-            weights="none",
             backend="openvino",
             precision="bf16",
             calib_size=8,

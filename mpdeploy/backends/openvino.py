@@ -107,7 +107,9 @@ class OpenVinoBackend(Backend):
             details={
                 "openvino_version": openvino_version(),
                 "ir_weights": f"{ENGINE_DIR}/{IR_BIN}",
-                "inference_precision_hint": str(compiled.get_property("INFERENCE_PRECISION_HINT")),
+                "inference_precision_hint": _type_name(
+                    compiled.get_property("INFERENCE_PRECISION_HINT")
+                ),
                 "intra_op_threads": options.threads,
                 "cpu": hardware.cpu_info().model,
                 "cpu_native_bf16": hardware.cpu_info().native_bf16,
@@ -155,3 +157,9 @@ def _first_line(exc: BaseException) -> str:
         line for line in str(exc).splitlines() if line.strip() and "Exception from" not in line
     ]
     return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+def _type_name(value) -> str:
+    """OpenVINO's short name of an element type ("bf16", "f32"); str() gives "<Type: 'bfloat16'>"."""
+    name = getattr(value, "get_type_name", None)
+    return name() if callable(name) else str(value)
