@@ -167,7 +167,8 @@ def sparsity_option(fn):
         "--sparsity-method",
         default=BuildOptions.sparsity_method,
         show_default=True,
-        help="How N:M picks the kept weights: obs, obs_fisher, cast, cast_fisher, magnitude.",
+        help="How N:M picks the kept weights: obs, obs_fisher, obs_shrink, cast, cast_fisher, "
+        "magnitude.",
     )(fn)
     fn = click.option(
         "--sparsity-dense",

@@ -359,7 +359,13 @@ def _nm(suite: SuiteModel, method: str, compensate: str, pattern: str, seed: int
     config = SparsityConfig(
         k, n, method=method, seed=seed, **_config_kwargs(SparsityConfig, compensate)
     )
-    result = sparsify(suite.model, calibration(suite.key), config, input_shape=suite.input_shape)
+    images = calibration(suite.key)
+    groups = None
+    if suite.metric == "agreement":  # crops of 14 photos: obs_shrink's folds are the photos
+        from lite0_calibration import calibration_groups
+
+        groups = calibration_groups(images.shape[0])
+    result = sparsify(suite.model, images, config, input_shape=suite.input_shape, groups=groups)
     extra = {"mac_reduction": float(result.headline.get("sparse_mac_reduction", 0.0))}
     return result.model, result.masks, extra
 

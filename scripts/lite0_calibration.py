@@ -64,6 +64,12 @@ def calibration_images(count: int, data_config: dict[str, Any], seed: int = 0) -
     return torch.stack([transform(c) for c in random_crops(photos, count, seed=seed)])
 
 
+def calibration_groups(count: int) -> list[str]:
+    """Per crop of `calibration_images(count, ...)`, the photo it was cut from (round-robin): what
+    `sparsify(groups=...)` needs for `obs_shrink`, as `CalibrationSet.groups` is for a build."""
+    return [WIDE_PHOTOS[i % len(WIDE_PHOTOS)] for i in range(count)]
+
+
 def photo_stream(count: int, data_config: dict[str, Any], seed: int = 0):
     """Fresh random crops of WIDE_PHOTOS every epoch, `count` per epoch: what label-free recovery
     distils on (`mpdeploy.pipeline.label_free_train_set` does the same with the builtin photos)."""

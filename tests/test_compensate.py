@@ -16,6 +16,7 @@ from mpdeploy.families import get_family
 from mpdeploy.families.surgery import prune_groups
 from mpdeploy.prune import PruneConfig, prune_model
 from mpdeploy.prune.compensate import (
+    MAX_PRIOR,
     CompensateConfig,
     LayerFit,
     compensate,
@@ -73,6 +74,57 @@ def test_masked_lsq_solves_each_row_on_its_own_support():
         beta = _lstsq(x[:, cols].numpy(), y[:, row])
         np.testing.assert_allclose(weight[row, cols], beta[:-1], atol=1e-9)
         assert float(pruned[1].bias[row].detach()) == pytest.approx(beta[-1], abs=1e-9)
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg"])
+@pytest.mark.parametrize("rho", [0.3, 1.0])
+def test_a_prior_fits_on_the_shrunk_moment_pulling_the_kept_weights_towards_dense(rho, solver):
+    """LayerFit.prior = ρ: each row's kept weights and bias minimise ‖X_S v + c − y‖² +
+    λ‖v − w_S‖², λ = n·μ·ρ/(1 − ρ) (ρ clipped to MAX_PRIOR), μ the mean input variance: numpy's
+    lstsq on the system with √λ·I rows appended."""
+    dense, x = _linear_pair(seed=2, inputs=8)
+    support = torch.zeros(4, 8, dtype=torch.bool)
+    for row in range(4):
+        support[row, [row % 4, (row + 1) % 4, 4 + row % 4, 4 + (row + 2) % 4]] = True
+    pruned = copy.deepcopy(dense)
+    with torch.no_grad():
+        pruned[1].weight.mul_(support)
+    record = compensate(
+        dense,
+        pruned,
+        x,
+        [LayerFit("1", support=support, prior=rho)],
+        CompensateConfig("lsq", ridge=0.0, nm_solver=solver),
+    )
+    assert record["layers"]["1"]["prior"] == rho
+    assert record["layers"]["1"]["solver"] == solver
+    shrink = min(rho, MAX_PRIOR)
+    mu = float(x.var(0, unbiased=False).mean())
+    lam = x.shape[0] * mu * shrink / (1 - shrink)
+    y = dense(x).detach().numpy()
+    w = dense[1].weight.detach().numpy()
+    weight = pruned[1].weight.detach().numpy()
+    assert (weight[~support.numpy()] == 0).all()
+    for row in range(4):
+        cols = support[row].nonzero().squeeze(1).numpy()
+        design = np.concatenate([x[:, cols].numpy(), np.ones((x.shape[0], 1))], 1)
+        prior = np.concatenate([np.sqrt(lam) * np.eye(len(cols)), np.zeros((len(cols), 1))], 1)
+        target = np.concatenate([y[:, row], np.sqrt(lam) * w[row, cols]])
+        beta = np.linalg.lstsq(np.concatenate([design, prior]), target, rcond=None)[0]
+        # cg stops at a residual of 1e-4 of ‖b‖ (prune/nm_solve.py); exact is exact
+        tol = 1e-8 if solver == "exact" else 1e-4
+        np.testing.assert_allclose(weight[row, cols], beta[:-1], atol=tol)
+        assert float(pruned[1].bias[row].detach()) == pytest.approx(beta[-1], abs=tol)
+    plain = copy.deepcopy(dense)
+    with torch.no_grad():
+        plain[1].weight.mul_(support)
+    compensate(
+        dense, plain, x, [LayerFit("1", support=support)], CompensateConfig("lsq", ridge=0.0)
+    )
+    # the pull moves the fit towards the dense weights: nearer them than the plain fit is
+    gap = np.abs(weight - w * support.numpy()).sum()
+    plain_gap = np.abs(plain[1].weight.detach().numpy() - w * support.numpy()).sum()
+    assert gap < plain_gap
 
 
 def test_prune_model_records_the_compensation():

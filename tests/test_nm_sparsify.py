@@ -68,7 +68,7 @@ def test_cast_fisher_masks_are_in_pattern_and_differ_from_plain_cast(demo_model,
         sparsify(demo_model, calib, SparsityConfig(2, 4, method=m), input_shape=DEMO_SHAPE)
         for m in ("cast_fisher", "cast")
     )
-    assert demo_2to4.report["method"] == "obs"  # the default (docs/sparsity.md)
+    assert demo_2to4.report["method"] == "obs_shrink"  # the default (docs/sparsity.md)
     assert set(fisher.masks) == set(demo_2to4.masks) == set(plain.masks)
     for name, mask in fisher.masks.items():
         assert (grouped(mask, 4).sum(-1) == 2).all()

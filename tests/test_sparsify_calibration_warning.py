@@ -19,6 +19,9 @@ def test_warned_for_data_aware_methods_on_a_few_photos_only(tmp_path):
     for method in ("obs", "cast"):
         text = narrow_calibration_warning(method, builtin, 6)
         assert text and f"--sparsity-method {method}" in text and "magnitude" in text
+        assert "obs_shrink (the default)" in text
+    shrink = narrow_calibration_warning("obs_shrink", builtin, 6)  # the default: warned as well
+    assert shrink and "--calib DIR" in shrink and "already leans on the weights" in shrink
     assert narrow_calibration_warning("magnitude", builtin, 6) is None  # data-free: nothing to say
     rng = np.random.default_rng(0)
     for i in range(3):

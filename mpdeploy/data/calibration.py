@@ -61,6 +61,13 @@ class CalibrationSet:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def groups(self) -> list[str]:
+        """Per image, the photo it was cut from: crops of one builtin photo share it (they are not
+        independent samples, `prune/obs.py`'s `obs_shrink`); any other image is its own."""
+        if self.origin == "builtin:photos":  # sources are "<photo label>#crop(...)"
+            return [source.split("#", 1)[0] for source in self.sources]
+        return list(self.sources)
+
     def record(self) -> dict[str, Any]:
         return {
             "origin": self.origin,

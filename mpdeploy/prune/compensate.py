@@ -33,6 +33,7 @@ if asked, runs last.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import time
@@ -112,12 +113,16 @@ class LayerFit:
     flattened like weight.reshape(out, -1)); None: every slot of the pruned weight.
     `in_features`: the dense layer's flattened input columns the pruned layer still reads (for
     `inputs="dense"`); None: all of them.
+    `prior` (N:M layers only): ρ ∈ [0, 1) of the `lsq` fit on the moment (1 − ρ)·C + ρ·μ·I (C the
+    input covariance, μ its mean variance) that `obs_shrink` chose the mask on, i.e. a ridge
+    pulling the kept weights towards the dense layer's (`towards_dense`); 0: the plain fit.
     """
 
     name: str
     out_rows: torch.Tensor | None = None
     support: torch.Tensor | None = None
     in_features: torch.Tensor | None = None  # kept columns of the dense flattened weight
+    prior: float = 0.0
 
 
 def compensate(
@@ -166,10 +171,14 @@ def compensate(
             if fit_part == "lsq" and need:
                 ill_posed[layer.name] = need
             part = "bias" if layer.name in ill_posed else fit_part
+            layer_stats = stats[layer.name]
+            if part == "lsq" and layer.prior > 0:
+                dense_weight = dense.get_submodule(layer.name).weight
+                layer_stats = towards_dense(layer_stats, dense_weight, layer.prior)
             entry = refit_layer(
                 pruned,
                 layer,
-                stats[layer.name],
+                layer_stats,
                 part,
                 config.ridge,
                 norm=norms.get(layer.name),
@@ -179,6 +188,8 @@ def compensate(
                 entry["lsq_needs_images"] = ill_posed[layer.name]
             if layer.name in known:
                 entry["statistics"] = "from the input Gram at hand, no pass"
+            if part == "lsq" and layer.prior > 0:
+                entry["prior"] = layer.prior
             record["layers"][layer.name] = entry
             if isinstance(stats, dict):  # a layer's sums are read once: free them
                 stats.pop(layer.name, None)
@@ -265,6 +276,32 @@ def stats_from_gram(
     s.sum_y = s.cross[features].clone()
     s.rows = int(rows)
     return s
+
+
+MAX_PRIOR = 0.99  # ρ = 1 would be an infinite pull: the dense weights on the support, unfitted
+
+
+def towards_dense(s: _LayerStats, weight: torch.Tensor, rho: float) -> _LayerStats:
+    """`s` with a ridge λ‖β_w − w_dense‖² added, λ = n·μ·ρ / (1 − ρ) (μ: the mean input variance,
+    n: the rows): the least squares of `s` then minimises the output error on the shrunk moment
+    (1 − ρ)·C + ρ·μ·I rather than on C (`LayerFit.prior`). ρ is clipped to MAX_PRIOR. The bias
+    column is not pulled. A new object; `s` is unchanged."""
+    if not 0.0 <= rho <= 1.0:
+        raise ValueError(f"a prior of ρ = {rho} is outside [0, 1]")
+    rho = min(rho, MAX_PRIOR)
+    features = s.gram.shape[0] - 1
+    flat = weight.detach().reshape(weight.shape[0], -1).double()
+    if flat.shape[1] != features:
+        raise ValueError(f"a weight of {flat.shape[1]} columns for statistics of {features}")
+    mean = s.sum_x[:features] / s.rows
+    mu = float((s.gram.diagonal()[:features] / s.rows - mean**2).mean())
+    lam = s.rows * mu * rho / (1.0 - rho)
+    pulled = copy.copy(s)
+    pulled.gram = s.gram.clone()
+    pulled.gram.diagonal()[:features] += lam
+    pulled.cross = s.cross.clone()
+    pulled.cross[:features] += lam * flat.T
+    return pulled
 
 
 class GramStatistics(Mapping):

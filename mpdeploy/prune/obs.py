@@ -31,6 +31,22 @@ a_t = ‖∂CE(z, y)/∂o_t‖² at the layer's output (y sampled from the model
 its total weight. The first term is what the `lsq` re-fit minimises, the second what the logits
 see; the sum keeps the few rows a confident model's sampled gradients single out from dominating
 (the failure of `cast_fisher` on the ResNets, docs/sparsity.md).
+
+`obs_shrink` runs the same search on H shrunk towards a multiple of the identity by as much as the
+calibration set leaves it uncertain (Ledoit & Wolf, "A well-conditioned estimator for
+large-dimensional covariance matrices", 2004): H ← (1 − ρ)·H + ρ·(tr H / F)·I with
+
+    ρ = Σᵢⱼ Var̂(H̄ᵢⱼ) / Σᵢⱼ (Hᵢⱼ − μδᵢⱼ)²,   μ = tr H / F,  clipped to [0, 1],
+
+the sampling variance of the mean moment estimated from the scatter of its per-fold means, a fold
+being the calibration images cut from one photo (crops of one photo are not independent samples)
+or, for distinct images, one of at most MAX_FOLDS contiguous chunks. ρ = 0 is `obs`; ρ = 1 is the
+identity, i.e. magnitude's choice. Where a few photos cannot pin a layer's statistics down (the
+late stages of an ImageNet network calibrated on 14 photos) the choice leans on the weights;
+where they can (calibration from the evaluation's distribution) it stays `obs`. The `lsq` re-fit
+that follows minimises the output error on the same shrunk moment (`compensate.LayerFit.prior`:
+a ridge pulling the kept weights towards the dense ones), so it does not undo the caution
+(docs/sparsity.md, "`obs_shrink`").
 """
 
 from __future__ import annotations
@@ -38,17 +54,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpdeploy.prune.cast import _RowQuota, candidate_patterns, sample_rows
+from mpdeploy.prune.cast import _RowQuota, candidate_patterns, conv_positions, sample_rows
 from mpdeploy.prune.layout import grouped, ungrouped
 
 BLOCK_COLUMNS = 128  # lazy-update block, rounded down to a multiple of n
 HESSIAN_BYTES = 1 << 30  # float64 Gram matrices held at once; more layers → more passes
+MAX_FOLDS = 16  # folds of distinct calibration images for obs_shrink's between-fold scatter
 
 
 @dataclasses.dataclass
@@ -64,6 +81,7 @@ class Hessian:
     sum_x: torch.Tensor  # (F,) float64
     rows: int = 0
     logit: LogitWeighted | None = None
+    folds: FoldScatter | None = None  # capture_hessians(..., folds=...): obs_shrink's statistics
 
     def matrix(self, *, centered: bool) -> torch.Tensor:
         """The mean second moment (or covariance, when `centered`), float64; with `logit`, plus
@@ -72,6 +90,105 @@ class Hessian:
         if self.logit is not None and self.logit.weight > 0:
             h = h + _moment(self.logit.gram, self.logit.sum_x, self.logit.weight, centered)
         return h
+
+    def shrinkage(self, *, centered: bool) -> float:
+        """ρ of the module docstring for `matrix(centered=...)`: the between-fold estimate of
+        Σᵢⱼ Var(Hᵢⱼ) over H's squared distance from (tr H / F)·I; 0 without two folds.
+
+        Fold f (n_f of the N rows, weight w_f = n_f / N) has the mean moment M_f = S_f / n_f and
+        mean m_f; uncentred, H = Σ_f w_f M_f and Σ_f w_f ‖M_f − H‖² = Σ_f n_f ‖M_f‖² / N − ‖H‖²;
+        centred, the same scatter of the fold covariances C_f = M_f − m_f m_fᵀ around their mean
+        C̄ = Σ_f w_f C_f (the pooled covariance less the scatter of the fold means, which is not
+        sampling noise of a covariance). Divided by K − 1 it estimates the total variance of the
+        mean over K folds (exactly the usual estimate when the folds are equal).
+        """
+        folds = self.folds
+        if folds is None or folds.count < 2 or self.rows == 0:
+            return 0.0
+        mean = self.gram / self.rows
+        if centered:
+            weights = torch.tensor(folds.rows, dtype=torch.float64) / self.rows
+            means = torch.stack(folds.means)  # (K, F)
+            within = mean - (means.T * weights) @ means
+            scatter = folds.centered_square_sum / self.rows - float(within.pow(2).sum())
+        else:
+            scatter = folds.square_sum / self.rows - float(mean.pow(2).sum())
+        variance = max(scatter, 0.0) / (folds.count - 1)
+        h = self.matrix(centered=centered)
+        distance = float(h.pow(2).sum()) - float(h.diagonal().sum()) ** 2 / h.shape[0]
+        if distance <= 0.0:  # H is already a multiple of the identity
+            return 0.0
+        return min(1.0, variance / distance)
+
+    def shrunk(self, *, centered: bool) -> tuple[torch.Tensor, float]:
+        """`matrix(centered=...)` shrunk towards (tr H / F)·I by `shrinkage`, and ρ."""
+        h = self.matrix(centered=centered)
+        rho = self.shrinkage(centered=centered)
+        if rho == 0.0:
+            return h, rho
+        target = float(h.diagonal().mean())
+        h = (1.0 - rho) * h
+        h.diagonal().add_(rho * target)
+        return h, rho
+
+
+@dataclasses.dataclass
+class FoldScatter:
+    """The fold being read (its Σ x xᵀ, Σ x and rows) and, per fold already closed, its rows n_f
+    and mean m_f, with Σ_f n_f ‖M_f‖²_F and Σ_f n_f ‖M_f − m_f m_fᵀ‖²_F (`Hessian.shrinkage`)."""
+
+    current: torch.Tensor  # (F, F) float64
+    current_sum: torch.Tensor  # (F,) float64
+    current_rows: int = 0
+    fold: int = -1
+    rows: list[int] = dataclasses.field(default_factory=list)
+    means: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    square_sum: float = 0.0
+    centered_square_sum: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    def add(self, fold: int, rows: torch.Tensor, into: Hessian) -> None:
+        if fold != self.fold:
+            self.close(into)
+            self.fold = fold
+        self.current += rows.T @ rows
+        self.current_sum += rows.sum(0)
+        self.current_rows += rows.shape[0]
+
+    def close(self, into: Hessian) -> None:
+        n = self.current_rows
+        if not n:
+            return
+        into.gram += self.current
+        moment, mean = self.current / n, self.current_sum / n
+        square = float(moment.pow(2).sum())
+        # ‖M − m mᵀ‖² = ‖M‖² − 2 mᵀ M m + ‖m‖⁴, without an F×F temporary
+        centered = square - 2.0 * float(mean @ moment @ mean) + float(mean @ mean) ** 2
+        self.square_sum += n * square
+        self.centered_square_sum += n * centered
+        self.rows.append(n)
+        self.means.append(mean.clone())
+        self.current.zero_()
+        self.current_sum.zero_()
+        self.current_rows = 0
+
+
+def fold_ids(groups: Sequence[Hashable] | None, count: int) -> torch.Tensor:
+    """Each of `count` calibration images' fold for `capture_hessians(..., folds=)`: images with
+    one group (the photo they were cut from) share a fold; more than MAX_FOLDS groups (e.g. every
+    image its own, `groups` None) are merged, in order of first appearance, into MAX_FOLDS."""
+    if groups is None:
+        groups = range(count)
+    if len(groups) != count:
+        raise ValueError(f"{len(groups)} calibration groups for {count} images")
+    index: dict[Hashable, int] = {}
+    ids = torch.tensor([index.setdefault(g, len(index)) for g in groups], dtype=torch.long)
+    if len(index) > MAX_FOLDS:
+        ids = ids * MAX_FOLDS // len(index)
+    return ids
 
 
 @dataclasses.dataclass
@@ -104,16 +221,27 @@ def capture_hessians(
     seed: int = 0,
     batch_size: int = 32,
     logit_weighted: bool = False,
+    folds: torch.Tensor | None = None,
 ) -> dict[str, Hessian]:
     """The input Gram matrix of each named layer over `images` (dense pass), in group order.
 
     `logit_weighted`: also the Gram matrix with each row weighted by its output-gradient energy
     (one forward + backward per batch, labels sampled from the model's softmax with `seed`).
+    `folds` (one id per image, `fold_ids`): also the between-fold scatter `Hessian.shrinkage`
+    needs; the images are read fold by fold (a stable sort), so which rows are sampled differs
+    from a capture without folds. Not with `logit_weighted`.
     Layers are captured in as many passes as keep ≤ HESSIAN_BYTES of Gram matrices alive; a layer
     whose forward never runs as a module is absent from the result.
     """
     names = list(layer_names)
-    per_feature2 = 16 if logit_weighted else 8
+    if folds is not None:
+        if logit_weighted:
+            raise ValueError("folds are not kept for the logit-weighted moments")
+        if folds.shape != (images.shape[0],):
+            raise ValueError(f"{tuple(folds.shape)} fold ids for {images.shape[0]} images")
+        order = torch.argsort(folds, stable=True)
+        images, folds = images[order], folds[order]
+    per_feature2 = 16 if logit_weighted or folds is not None else 8
     steps, step, size = [], [], 0
     for name in names:
         features = _features(model.get_submodule(name))
@@ -127,13 +255,13 @@ def capture_hessians(
     hessians: dict[str, Hessian] = {}
     for step in steps:
         hessians.update(
-            _capture(model, step, images, names, max_rows, seed, batch_size, logit_weighted)
+            _capture(model, step, images, names, max_rows, seed, batch_size, logit_weighted, folds)
         )
     return hessians
 
 
 def _capture(
-    model, step, images, names, max_rows, seed, batch_size, logit_weighted
+    model, step, images, names, max_rows, seed, batch_size, logit_weighted, folds
 ) -> dict[str, Hessian]:
     quotas = {name: _RowQuota(images.shape[0], max_rows, seed + names.index(name)) for name in step}
     found: dict[str, Hessian] = {}
@@ -150,7 +278,12 @@ def _capture(
                 record = found[name] = Hessian(zeros(features, features), zeros(features))
                 if logit_weighted:
                     record.logit = LogitWeighted(zeros(features, features), zeros(features))
-            record.gram += rows.T @ rows
+                if folds is not None:
+                    record.folds = FoldScatter(zeros(features, features), zeros(features))
+            if record.folds is None:
+                record.gram += rows.T @ rows
+            else:
+                _add_by_fold(record, module, args[0], chosen, rows, batch_folds)
             record.sum_x += rows.sum(0)
             record.rows += rows.shape[0]
             if logit_weighted:
@@ -184,6 +317,7 @@ def _capture(
     try:
         for i in range(0, len(images), batch_size):
             batch = images[i : i + batch_size]
+            batch_folds = None if folds is None else folds[i : i + batch_size]
             if not logit_weighted:
                 with torch.inference_mode():
                     model(batch)
@@ -198,7 +332,26 @@ def _capture(
     finally:
         for handle in handles:
             handle.remove()
+    with torch.inference_mode():  # the buffers were made in the capture's inference mode
+        for record in found.values():
+            if record.folds is not None:
+                record.folds.close(record)
     return found
+
+
+def _add_by_fold(record: Hessian, module, x, chosen, rows, batch_folds) -> None:
+    """Add the sampled `rows` of a batch to its folds' Gram matrices, fold by fold."""
+    if not len(chosen):
+        return
+    per_image = (
+        conv_positions(module, x) if isinstance(module, nn.Conv2d) else x.numel() // x.shape[-1]
+    ) // x.shape[0]
+    image = chosen // per_image
+    order = torch.argsort(image, stable=True)
+    fold = batch_folds[image[order]]
+    values, counts = torch.unique_consecutive(fold, return_counts=True)
+    for f, part in zip(values.tolist(), rows[order].split(counts.tolist()), strict=True):
+        record.folds.add(f, part, into=record)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +360,7 @@ class ObsProjection:
     weight: torch.Tensor  # the OBS-updated weight (zeros where the mask is False)
     dropped_energy: float  # Σ over rows of the OBS cost (output error on the moment H)
     total_energy: float  # Σ over rows of wᵀ H w
+    shrinkage: float | None = None  # obs_shrink: ρ of H's shrinkage towards (tr H / F)·I
 
     @property
     def dropped_fraction(self) -> float:
@@ -239,11 +393,13 @@ def obs_project(
     damp: float = 0.01,
     seed: int = 0,
     rows: int | None = None,
+    shrinkage: float | None = None,
 ) -> ObsProjection:
     """The k:n mask of `weight` in TensorRT's layout chosen group by group by the OBS cost.
 
     `hessian` (F, F) is the input second moment in group order (`capture_hessians`) over `rows`
-    calibration rows (fewer rows than live columns: H = I, magnitude). Exact over
+    calibration rows (fewer rows than live columns: H = I, magnitude); `shrinkage` (the ρ that
+    shrank it, `Hessian.shrunk`) is only recorded. Exact over
     all C(n, k) patterns; above cast.EXACT_LIMIT over the seeded sample plus, per row, the pattern
     of the largest w²/[B]_jj (SparseGPT's saliency).
     """
@@ -306,7 +462,7 @@ def obs_project(
             W[:, b1:] -= err @ U[b0:b1, b1:]
     new_weight = ungrouped(W.reshape(w.shape), shape).to(weight.dtype)
     mask = ungrouped(keep.reshape(w.shape), shape)
-    return ObsProjection(mask, new_weight * mask, float(dropped), total)
+    return ObsProjection(mask, new_weight * mask, float(dropped), total, shrinkage)
 
 
 @contextlib.contextmanager
