@@ -81,13 +81,16 @@ def conv_positions(conv: nn.Conv2d, x: torch.Tensor) -> int:
 
 
 def sample_rows(
-    module: nn.Module, x: torch.Tensor, quota: _RowQuota
+    module: nn.Module, x: torch.Tensor, quota: _RowQuota, *, ordered: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows `quota` draws from this batch's input `x` of `module`: (indices, float64 rows)."""
+    """The rows `quota` draws from this batch's input `x` of `module`: (indices, float64 rows);
+    `ordered`: in the batch's order (image by image), else in the order drawn."""
     rows_in_batch = (
         conv_positions(module, x) if isinstance(module, nn.Conv2d) else x.numel() // x.shape[-1]
     )
     chosen = quota.choose(rows_in_batch, x.shape[0])
+    if ordered:
+        chosen = chosen.sort().values
     return chosen, input_rows(module, x, chosen).double()
 
 
