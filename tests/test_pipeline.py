@@ -234,6 +234,10 @@ def test_sparse_build_is_confirmed_by_polygraphy(in_tmp, capsys):
     assert manifest["headline"]["sparse_layers"] > 0
     assert (in_tmp / "s" / "pruned" / "masks.safetensors").is_file()
     assert "2:4" in json.dumps(sparsity) and "polygraphy" in json.dumps(sparsity).lower()
+    # the default obs_shrink, its folds the builtin photos the crops were cut from (docs/sparsity.md)
+    assert sparsity["method"] == "obs_shrink"
+    eligible = [layer for layer in sparsity["layers"] if layer["eligible"]]
+    assert eligible and all(0.0 <= layer["shrinkage"] <= 1.0 for layer in eligible)
 
 
 @pytest.mark.slow
