@@ -21,3 +21,13 @@ def in_tmp(tmp_path, monkeypatch):
     """Run in an empty directory so default build paths (engines/…) land in tmp."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread: the N:M per-group loops are many small ops, and on a loaded 2-core
+    machine 2 threads are far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -86,9 +86,14 @@ def test_a_prior_fits_on_the_shrunk_moment_pulling_the_kept_weights_towards_dens
     support = torch.zeros(4, 8, dtype=torch.bool)
     for row in range(4):
         support[row, [row % 4, (row + 1) % 4, 4 + row % 4, 4 + (row + 2) % 4]] = True
-    pruned = copy.deepcopy(dense)
-    with torch.no_grad():
-        pruned[1].weight.mul_(support)
+
+    def masked():
+        twin = copy.deepcopy(dense)
+        with torch.no_grad():
+            twin[1].weight.mul_(support)
+        return twin
+
+    pruned = masked()
     record = compensate(
         dense,
         pruned,
@@ -115,9 +120,7 @@ def test_a_prior_fits_on_the_shrunk_moment_pulling_the_kept_weights_towards_dens
         tol = 1e-8 if solver == "exact" else 1e-4
         np.testing.assert_allclose(weight[row, cols], beta[:-1], atol=tol)
         assert float(pruned[1].bias[row].detach()) == pytest.approx(beta[-1], abs=tol)
-    plain = copy.deepcopy(dense)
-    with torch.no_grad():
-        plain[1].weight.mul_(support)
+    plain = masked()
     compensate(
         dense, plain, x, [LayerFit("1", support=support)], CompensateConfig("lsq", ridge=0.0)
     )

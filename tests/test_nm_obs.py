@@ -105,15 +105,6 @@ def test_hessian_columns_follow_the_group_order_of_a_conv():
     assert hessian.rows == 50
 
 
-@pytest.fixture
-def one_thread():
-    """The per-group loop is many small ops: on a loaded 2-core machine 2 threads are far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_sparsify_with_obs_on_a_resnet_is_in_pattern_and_records_the_method(one_thread):
     model = timm.create_model("test_resnet", num_classes=10).eval()
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(10))

@@ -126,14 +126,6 @@ def test_builtin_crops_are_grouped_by_photo_and_folder_images_each_by_itself():
     assert folder.groups() == ["a#1.jpg", "a#2.jpg", "b.png"]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_sparsify_obs_shrink_records_rho_and_one_fold_is_exactly_obs(one_thread):
     model = timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=8).eval()
     images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(4))

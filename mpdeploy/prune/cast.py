@@ -80,15 +80,18 @@ def conv_positions(conv: nn.Conv2d, x: torch.Tensor) -> int:
     return x.shape[0] * hout * wout
 
 
+def batch_rows(module: nn.Module, x: torch.Tensor) -> int:
+    """The rows `module` multiplies its weight with over the batch `x` (tokens or positions);
+    image i owns rows [i·r, (i + 1)·r) of them, r = batch_rows / len(x)."""
+    return conv_positions(module, x) if isinstance(module, nn.Conv2d) else x.numel() // x.shape[-1]
+
+
 def sample_rows(
     module: nn.Module, x: torch.Tensor, quota: _RowQuota, *, ordered: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows `quota` draws from this batch's input `x` of `module`: (indices, float64 rows);
     `ordered`: in the batch's order (image by image), else in the order drawn."""
-    rows_in_batch = (
-        conv_positions(module, x) if isinstance(module, nn.Conv2d) else x.numel() // x.shape[-1]
-    )
-    chosen = quota.choose(rows_in_batch, x.shape[0])
+    chosen = quota.choose(batch_rows(module, x), x.shape[0])
     if ordered:
         chosen = chosen.sort().values
     return chosen, input_rows(module, x, chosen).double()

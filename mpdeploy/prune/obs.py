@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpdeploy.prune.cast import _RowQuota, candidate_patterns, conv_positions, sample_rows
+from mpdeploy.prune.cast import _RowQuota, batch_rows, candidate_patterns, sample_rows
 from mpdeploy.prune.layout import grouped, ungrouped
 
 BLOCK_COLUMNS = 128  # lazy-update block, rounded down to a multiple of n
@@ -102,6 +102,9 @@ class Hessian:
         sampling noise of a covariance). Divided by K − 1 it estimates the total variance of the
         mean over K folds (exactly the usual estimate when the folds are equal).
         """
+        return self._intensity(self.matrix(centered=centered), centered)
+
+    def _intensity(self, h: torch.Tensor, centered: bool) -> float:
         folds = self.folds
         if folds is None or folds.count < 2 or self.rows == 0:
             return 0.0
@@ -114,7 +117,6 @@ class Hessian:
         else:
             scatter = folds.square_sum / self.rows - float(mean.pow(2).sum())
         variance = max(scatter, 0.0) / (folds.count - 1)
-        h = self.matrix(centered=centered)
         distance = float(h.pow(2).sum()) - float(h.diagonal().sum()) ** 2 / h.shape[0]
         if distance <= 0.0:  # H is already a multiple of the identity
             return 0.0
@@ -123,7 +125,7 @@ class Hessian:
     def shrunk(self, *, centered: bool) -> tuple[torch.Tensor, float]:
         """`matrix(centered=...)` shrunk towards (tr H / F)·I by `shrinkage`, and ρ."""
         h = self.matrix(centered=centered)
-        rho = self.shrinkage(centered=centered)
+        rho = self._intensity(h, centered)
         if rho == 0.0:
             return h, rho
         target = float(h.diagonal().mean())
@@ -348,10 +350,7 @@ def _add_by_fold(record: Hessian, module, x, chosen, rows, batch_folds) -> None:
     folds' Gram matrices, fold by fold (the batch's images are sorted by fold)."""
     if not len(chosen):
         return
-    per_image = (
-        conv_positions(module, x) if isinstance(module, nn.Conv2d) else x.numel() // x.shape[-1]
-    ) // x.shape[0]
-    fold = batch_folds[chosen // per_image]
+    fold = batch_folds[chosen // (batch_rows(module, x) // x.shape[0])]
     values, counts = torch.unique_consecutive(fold, return_counts=True)
     for f, part in zip(values.tolist(), rows.split(counts.tolist()), strict=True):
         record.folds.add(f, part, into=record)
