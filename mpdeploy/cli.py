@@ -89,7 +89,7 @@ def force_option(fn):
 
 
 def prune_options(fn):
-    from mpdeploy.pipeline import METHODS, BuildOptions
+    from mpdeploy.pipeline import COMPENSATE_INPUTS, METHODS, BuildOptions
 
     fn = click.option(
         "--round-to",
@@ -103,6 +103,15 @@ def prune_options(fn):
         default="lsq+bn",
         show_default=True,
         help="Closed-form re-fit after pruning: none, bias, lsq, bn, bias+bn, lsq+bn.",
+    )(fn)
+    fn = click.option(
+        "--compensate-inputs",
+        type=click.Choice(list(COMPENSATE_INPUTS)),
+        default=BuildOptions.compensate_inputs,
+        show_default=True,
+        help="Where the lsq re-fit reads each layer's inputs: the dense network's (one pass), or "
+        "'sequential': the network whose earlier layers are already cut and re-fitted, so each "
+        "fit also corrects what they left (one partial pass per layer: slow on big models).",
     )(fn)
     fn = click.option(
         "--method",
@@ -374,6 +383,7 @@ _stage_command(
         _optional("--target-macs", type=float),
         _optional("--method"),
         _optional("--compensate"),
+        _optional("--compensate-inputs"),
         _optional("--sparsity"),
         _optional("--sparsity-method"),
         _optional("--recover-epochs", type=int),

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 SPARSITY_PATTERNS = ("off", "2:4", "4:8", "6:12", "8:16", "12:16")
 TOME_SCHEDULES = ("constant", "decreasing")  # mpdeploy.families.tome.SCHEDULES (no timm import)
+COMPENSATE_INPUTS = ("dense", "pruned", "sequential")  # mpdeploy.prune.compensate.INPUTS (no torch)
 METHODS = (
     "mp_fisher_taylor",
     "mp_fisher",
@@ -63,6 +64,7 @@ class BuildOptions:
     sparsity_dense: tuple[str, ...] = ()  # module-name patterns left dense (dense_layers)
     method: str = "mp_fisher_taylor"  # PruneConfig.method
     compensate: str = "lsq+bn"  # mpdeploy.prune.compensate.DEFAULT_COMPENSATION
+    compensate_inputs: str = "dense"  # mpdeploy.prune.compensate.INPUTS (CompensateConfig.inputs)
     round_to: int = 8
     backend: str = "onnxruntime"
     precision: str = "fp32"
@@ -167,9 +169,10 @@ def check_option_values(opts: BuildOptions) -> None:
     tome_settings(opts)
     if opts.method not in METHODS:
         raise UserError(f"unknown --method '{opts.method}': choose one of {', '.join(METHODS)}")
-    from mpdeploy.prune.compensate import parse_compensation
+    from mpdeploy.prune.compensate import check_compensate_inputs, parse_compensation
 
     parse_compensation(opts.compensate)
+    check_compensate_inputs(opts.compensate_inputs)
     if opts.max_batch < 1:
         raise UserError(f"--max-batch must be at least 1 (got {opts.max_batch})")
     if not 1 <= opts.calib_size <= CALIB_SIZE_MAX:
@@ -546,6 +549,7 @@ def stage_prune(ctx: BuildContext) -> StageOutcome:
             round_to=opts.round_to,
             seed=opts.seed,
             compensate=opts.compensate,
+            compensate_inputs=opts.compensate_inputs,
         ),
         spec=spec,
         input_shape=ctx.input_shape,
@@ -656,6 +660,7 @@ def stage_sparsify(ctx: BuildContext) -> StageOutcome:
             method=ctx.options.sparsity_method,
             seed=ctx.options.seed,
             compensate=ctx.options.compensate,
+            compensate_inputs=ctx.options.compensate_inputs,
             dense_layers=tuple(ctx.options.sparsity_dense),
         ),
         input_shape=ctx.input_shape,

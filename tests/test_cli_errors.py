@@ -45,6 +45,10 @@ def assert_nothing_written(root: Path):
         (["--model", "test_vit", "--weights", "missing.safetensors"], "weights file not found"),
         (["--model", "test_vit", "--calib", "no_such_folder"], "calibration folder not found"),
         (["--model", "test_vit", "--compensate", "ols"], "unknown --compensate 'ols'"),
+        (
+            ["--model", "test_vit", "--compensate-inputs", "sideways"],
+            "Invalid value for '--compensate-inputs'",
+        ),
         (["--model", "test_vit", "--max-batch", "0"], "--max-batch must be at least 1"),
         (["--model", "test_vit", "--bogus-flag"], "No such option .--bogus-flag"),
     ],

@@ -98,6 +98,12 @@ CASES = [
     ),
     ("prune-9:4", ["prune", "--build", "build", "--force", "--sparsity", "9:4"], USAGE, "k < n"),
     (
+        "prune-compensate-inputs",
+        ["prune", "--build", "build", "--force", "--compensate-inputs", "sideways"],
+        USAGE,
+        "compensate-inputs",
+    ),
+    (
         "prune-train-missing",
         ["prune", "--build", "build", "--force", "--recover-epochs", "1", "--train", "nowhere"],
         USAGE,

@@ -224,3 +224,27 @@ def test_recovery_keeps_every_mask_exactly(demo_model, demo_2to4):
         n for n, m in demo_2to4.masks.items() if (drifting.get_parameter(n).detach()[~m] != 0).any()
     ]
     assert leaked == list(demo_2to4.masks)
+
+
+def test_sequential_inputs_refit_later_layers_on_the_sparse_network(demo_model, calib, demo_2to4):
+    """`compensate_inputs="sequential"`: the masks are the default's (the choice does not move),
+    the first sparse layer reads the same inputs either way and gets the same re-fit, later
+    layers are fitted on the already-sparse network's inputs (other weights, every mask kept),
+    and the record says which inputs were read. A bad name is one UserError line."""
+    config = SparsityConfig(2, 4, compensate_inputs="sequential")
+    result = sparsify(demo_model, calib, config, input_shape=DEMO_SHAPE)
+    assert result.report["compensation"]["inputs"] == "sequential"
+    assert demo_2to4.report["compensation"]["inputs"] == "dense"
+    assert set(result.masks) == set(demo_2to4.masks)
+    for name, mask in result.masks.items():
+        assert torch.equal(mask, demo_2to4.masks[name]), name
+    ours = dict(result.model.named_parameters())
+    default = dict(demo_2to4.model.named_parameters())
+    for name, mask in result.masks.items():
+        assert not ours[name][~mask].any(), name
+    first = "blocks.0.attn.qkv.weight"  # nothing sparse before it: the same rows either way
+    torch.testing.assert_close(ours[first], default[first], rtol=1e-4, atol=1e-5)
+    last = "blocks.5.mlp.fc2.weight"
+    assert (ours[last] - default[last]).abs().max() > 1e-3
+    with pytest.raises(UserError, match="unknown --compensate-inputs 'sideways'"):
+        SparsityConfig(2, 4, compensate_inputs="sideways")

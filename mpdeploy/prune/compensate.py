@@ -85,16 +85,21 @@ class CompensateConfig:
             raise UserError(
                 f"nm_solver must be one of {', '.join(NM_SOLVERS)} (got {self.nm_solver})"
             )
-        if self.inputs not in INPUTS:
-            raise UserError(
-                f"compensation inputs must be one of {', '.join(INPUTS)} (got {self.inputs})"
-            )
+        check_compensate_inputs(self.inputs)
         if self.ridge < 0:
             raise UserError(f"compensation ridge must be ≥ 0 (got {self.ridge})")
 
     @property
     def parts(self) -> tuple[str, ...]:
         return parse_compensation(self.method)
+
+
+def check_compensate_inputs(inputs: str) -> None:
+    """`--compensate-inputs` / `CompensateConfig.inputs`: one of INPUTS, else one clear line."""
+    if inputs not in INPUTS:
+        raise UserError(
+            f"unknown --compensate-inputs '{inputs}': choose one of {', '.join(INPUTS)}"
+        )
 
 
 def parse_compensation(name: str) -> tuple[str, ...]:
@@ -140,7 +145,12 @@ def compensate(
     only); the calibration pass then collects the others alone, or is skipped."""
     parts = config.parts
     start = time.perf_counter()
-    record: dict[str, Any] = {"method": config.method, "layers": {}, "calibration_images": 0}
+    record: dict[str, Any] = {
+        "method": config.method,
+        "inputs": config.inputs,
+        "layers": {},
+        "calibration_images": 0,
+    }
     if not parts:
         return record
     if calib is None or calib.shape[0] < 2:

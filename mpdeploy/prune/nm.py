@@ -72,6 +72,12 @@ class SparsityConfig:
     # closed-form re-fit of the kept weights after projection (prune/compensate.py): each output
     # row's kept slots by least squares against the dense layer (`lsq`), BatchNorm re-estimated
     compensate: str = "lsq+bn"
+    # where the `lsq` re-fit reads each layer's inputs (CompensateConfig.inputs): "dense" (the
+    # dense network's, one pass) or "sequential" (the network whose earlier layers are already
+    # sparse and re-fitted: it also corrects what they left; one partial pass per layer) or
+    # "pruned" (the sparse network's before any re-fit). Sequential lost on efficientnet-lite0's
+    # held-out photos (docs/sparsity.md, "The re-fit on sequential inputs")
+    compensate_inputs: str = "dense"
     # work budget of the calibration passes in dense MACs, as `PruneConfig.compensate_macs`:
     # the stage reads the first ⌊calib_macs / MACs per image⌋ images (at least 64); None = all.
     # ViT-B/16: 68 of 256; the suite's digits models: every image.
@@ -81,12 +87,13 @@ class SparsityConfig:
     dense_layers: tuple[str, ...] = ()
 
     def __post_init__(self):
-        from mpdeploy.prune.compensate import parse_compensation
+        from mpdeploy.prune.compensate import check_compensate_inputs, parse_compensation
 
         if self.calib_macs is not None and not self.calib_macs >= 0:
             raise UserError(f"calib_macs must be ≥ 0 or None (got {self.calib_macs})")
 
         parse_compensation(self.compensate)
+        check_compensate_inputs(self.compensate_inputs)
         if not 0 < self.k < self.n <= 16:
             raise UserError(f"sparsity {self.k}:{self.n}: need 0 < k < n ≤ 16")
         check_method(self.method)
@@ -318,7 +325,12 @@ def _compensate(
 
     if reference is None:
         return {"method": "none", "layers": {}}
-    cfg = CompensateConfig(config.compensate, batch_size=config.batch_size, seed=config.seed)
+    cfg = CompensateConfig(
+        config.compensate,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        inputs=config.compensate_inputs,
+    )
     known = None
     if config.method in OBS_METHODS:  # one capture, on the dense (permuted) model = reference
         grams = {

@@ -28,7 +28,11 @@ from torch import nn
 from mpdeploy.errors import UserError
 from mpdeploy.families import get_family
 from mpdeploy.families.groups import ChannelGroup
-from mpdeploy.prune.compensate import DEFAULT_COMPENSATION, parse_compensation
+from mpdeploy.prune.compensate import (
+    DEFAULT_COMPENSATION,
+    check_compensate_inputs,
+    parse_compensation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ class PruneConfig:
 
     def __post_init__(self):
         parse_compensation(self.compensate)
+        check_compensate_inputs(self.compensate_inputs)
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise UserError(f"prune steps must be an integer ≥ 1 (got {self.steps!r})")
         for name in ("score_macs", "compensate_macs"):
