@@ -248,3 +248,12 @@ def test_sequential_inputs_refit_later_layers_on_the_sparse_network(demo_model, 
     assert (ours[last] - default[last]).abs().max() > 1e-3
     with pytest.raises(UserError, match="unknown --compensate-inputs 'sideways'"):
         SparsityConfig(2, 4, compensate_inputs="sideways")
+
+
+def test_the_cli_choices_of_compensate_inputs_are_compensates_own():
+    """The torch-free copy the CLI offers is exactly `compensate.INPUTS`, default first."""
+    from mpdeploy.pipeline import COMPENSATE_INPUTS, BuildOptions
+    from mpdeploy.prune.compensate import INPUTS
+
+    assert COMPENSATE_INPUTS == INPUTS
+    assert BuildOptions.compensate_inputs == SparsityConfig.compensate_inputs == INPUTS[0]
