@@ -332,7 +332,8 @@ def _compensate(
         inputs=config.compensate_inputs,
     )
     known = None
-    if config.method in OBS_METHODS:  # one capture, on the dense (permuted) model = reference
+    # one capture, on the dense (permuted) model = reference; a re-fit on other inputs reads its own
+    if config.method in OBS_METHODS and config.compensate_inputs == "dense":
         grams = {
             name: (h.gram, h.sum_x, h.rows)
             for name, h in moments.items()
