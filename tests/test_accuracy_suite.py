@@ -96,3 +96,50 @@ def test_unknown_method_is_one_line_and_nothing_written(suite, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no_such_method" in err[0]
     assert not any(tmp_path.iterdir())
+
+
+def test_target_table_gives_the_margin_in_held_out_images(suite):
+    """A 2:4 default one image behind magnitude reads as a miss by -1.0 image, a tie as +0.0."""
+    from mpdeploy.prune.nm import SparsityConfig
+
+    default = suite.defaults()
+    n = 360
+
+    def record(method, comp, target, epochs, correct, seed=0):
+        return {
+            "model": "vit_t",
+            "method": method,
+            "compensate": comp,
+            "target": target,
+            "recover_epochs": epochs,
+            "seed": seed,
+            "dense_top1": 350 / n,
+            "eval_images": n,
+            "top1": correct / n,
+        }
+
+    nm_default = f"nm_{SparsityConfig.method}"
+    records = [
+        record(nm_default, default["compensate"], "2:4", 0, 340),
+        record("nm_magnitude", default["compensate"], "2:4", 0, 341),
+        # +1 epoch, two seeds each: means 345.5 against 345.5 images, a tie
+        record(nm_default, default["compensate"], "2:4", 1, 345, seed=0),
+        record(nm_default, default["compensate"], "2:4", 1, 346, seed=1),
+        record("nm_magnitude", default["compensate"], "2:4", 1, 344, seed=0),
+        record("nm_magnitude", default["compensate"], "2:4", 1, 347, seed=1),
+        # 50 %: 343 images against dense 350 - 2 pp (342.8 images): met by 0.2 image
+        record(default["method"], default["compensate"], 0.5, 0, 343),
+    ]
+    rows = {
+        line.split(" | ")[0].strip("| "): line.split(" | ")
+        for line in suite.target_checks(records)
+        if line.startswith("| ") and "vit_t" in line
+    }
+    zero_shot = rows[f"2:4 {SparsityConfig.method} beats magnitude, zero-shot"]
+    assert zero_shot[4] == "-1.0" and zero_shot[5].strip(" |") == "**missed**"
+    one_epoch = rows[f"2:4 {SparsityConfig.method} beats magnitude, +1 ep"]
+    assert one_epoch[4] == "+0.0" and one_epoch[5].strip(" |") == "tie"
+    fifty = rows["50 % zero-shot within 2 pp of dense"]
+    assert fifty[4] == "+0.2" and fifty[5].strip(" |") == "met"
+    unmeasured = rows["70 % +1 ep within 3 pp of dense"]
+    assert unmeasured[4] == "–" and unmeasured[5].strip(" |") == "not measured"
