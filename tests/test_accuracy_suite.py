@@ -143,3 +143,45 @@ def test_target_table_gives_the_margin_in_held_out_images(suite):
     assert fifty[4] == "+0.2" and fifty[5].strip(" |") == "met"
     unmeasured = rows["70 % +1 ep within 3 pp of dense"]
     assert unmeasured[4] == "–" and unmeasured[5].strip(" |") == "not measured"
+
+
+def test_compare_sets_the_default_against_the_best_peer_both_runs_measured(suite, tmp_path):
+    """scripts/accuracy_compare.py: margins in images, peers only where both runs have them."""
+    import accuracy_compare
+
+    default = suite.defaults()
+    n = 300
+
+    def record(method, correct, comp=None, target=0.7):
+        return {
+            "model": "vit_t",
+            "method": method,
+            "compensate": comp or default["compensate"],
+            "target": target,
+            "recover_epochs": 0,
+            "seed": 0,
+            "eval_images": n,
+            "top1": correct / n,
+        }
+
+    run_a = [record(default["method"], 250), record("taylor", 253), record("magnitude", 240)]
+    run_b = [
+        record(default["method"], 260),
+        record("taylor", 255),
+        record("magnitude", 262),
+        record("random", 299),  # only in run B: not a peer
+        record("tp_taylor", 258, comp="none"),  # only in run B: not a peer
+    ]
+    (row,) = accuracy_compare.compare(run_a, run_b)
+    assert row["peers"] == 2
+    assert row["a_best_other"] == f"taylor/{default['compensate']}"
+    assert abs(row["a_margin"] - (-3.0)) < 1e-9
+    assert row["b_best_other"] == f"magnitude/{default['compensate']}"
+    assert abs(row["b_margin"] - (-2.0)) < 1e-9
+    summary = accuracy_compare.summary([row])
+    assert summary["behind_more_in_both"] == 1 and summary["points"] == 1
+    # a payload file and a missing path on the command line
+    payload = tmp_path / "a.json"
+    payload.write_text(json.dumps({"splits": {"val": run_a}}))
+    assert accuracy_compare.load_run(payload, "val") == run_a
+    assert accuracy_compare.main(["--a", str(payload), "--b", str(tmp_path / "missing")]) == 2
