@@ -145,6 +145,33 @@ def test_target_table_gives_the_margin_in_held_out_images(suite):
     assert unmeasured[4] == "–" and unmeasured[5].strip(" |") == "not measured"
 
 
+def test_target_met_exactly_is_met_despite_float32_round_off(suite):
+    """Dense 292/300 and three recovery seeds at 283/300: exactly 3 pp below, so met, margin 0."""
+    import numpy as np
+
+    default = suite.defaults()
+    records = [
+        {
+            "model": "vit_s",
+            "method": default["method"],
+            "compensate": default["compensate"],
+            "target": 0.7,
+            "recover_epochs": 1,
+            "seed": seed,
+            "dense_top1": float(np.float32(292 / 300)),
+            "eval_images": 300,
+            "top1": float(np.float32(283 / 300)),
+        }
+        for seed in range(3)
+    ]
+    (row,) = [
+        line.split(" | ")
+        for line in suite.target_checks(records)
+        if line.startswith("| 70 % +1 ep within 3 pp")
+    ]
+    assert row[4] == "+0.0" and row[5].strip(" |") == "met"
+
+
 def test_compare_sets_the_default_against_the_best_peer_both_runs_measured(suite, tmp_path):
     """scripts/accuracy_compare.py: margins in images, peers only where both runs have them."""
     import accuracy_compare
