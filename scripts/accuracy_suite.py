@@ -624,6 +624,26 @@ def grid(
     return sorted(cells, key=lambda c: seeds.index(c.seed) > 0)
 
 
+def cells_from(payload: Path, split: str) -> list[Cell]:
+    """The cells of `split` in an accuracy.json payload (failed cells included: they are retried),
+    in grid order: a prune's zero-shot and recovery cells adjacent, so one prune serves them."""
+    records = json.loads(payload.read_text())["splits"].get(split, [])
+    fields = [f.name for f in dataclasses.fields(Cell)]
+    cells = {Cell(*(r[name] for name in fields)) for r in records}
+    return sorted(
+        cells,
+        key=lambda c: (
+            c.model,
+            c.method,
+            c.compensate,
+            str(c.target),
+            c.seed > 0,
+            c.recover_epochs,
+            c.seed,
+        ),
+    )
+
+
 def _compensates(method: str) -> bool:
     """Whether the code behind `method` takes a compensation mode (N:M gets one with item 2)."""
     from mpdeploy.prune import PruneConfig
@@ -990,6 +1010,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--calib-size", type=int, default=SETTINGS.calib_size)
     parser.add_argument("--threads", type=int, default=SETTINGS.threads)
     parser.add_argument("--doc", action="store_true", help="only (re)write docs/accuracy.md")
+    parser.add_argument(
+        "--cells-from",
+        type=Path,
+        default=None,
+        help="run exactly the cells of --split that this accuracy.json payload holds "
+        "(e.g. docs/accuracy.json: re-measure the documented tables on new weights or code)",
+    )
     return parser.parse_args(argv)
 
 
@@ -1015,7 +1042,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unknown {name} {unknown[0]!r}: use {', '.join(known)}", file=sys.stderr)
             return 2
     seeds = args.seeds[:1] if args.quick else args.seeds
-    cells = grid(models, methods, comps, args.targets, args.recover, seeds)
+    if args.cells_from is not None:
+        try:
+            cells = cells_from(args.cells_from, args.split)
+        except (OSError, ValueError, KeyError) as error:
+            print(f"error: --cells-from {args.cells_from}: {error}", file=sys.stderr)
+            return 2
+    else:
+        cells = grid(models, methods, comps, args.targets, args.recover, seeds)
     print(f"{len(cells)} cells on the {args.split} split", flush=True)
     try:
         run_grid(cells, args.split)

@@ -212,3 +212,30 @@ def test_compare_sets_the_default_against_the_best_peer_both_runs_measured(suite
     payload.write_text(json.dumps({"splits": {"val": run_a}}))
     assert accuracy_compare.load_run(payload, "val") == run_a
     assert accuracy_compare.main(["--a", str(payload), "--b", str(tmp_path / "missing")]) == 2
+
+
+def test_cells_from_runs_exactly_the_listed_cells(suite, tmp_path, capsys):
+    """--cells-from: the cells of the split in a payload, nothing else; a bad file is one line."""
+    listed = {"model": "demo", "method": "mp_fisher_taylor", "compensate": "lsq+bn", "target": 0}
+    other = {**listed, "model": "vit_t"}
+    payload = tmp_path / "listed.json"
+    payload.write_text(
+        json.dumps(
+            {
+                "splits": {
+                    "val": [{**listed, "recover_epochs": 0, "seed": 0, "top1": 0.5}],
+                    "test": [{**other, "recover_epochs": 0, "seed": 0, "top1": 0.5}],
+                }
+            }
+        )
+    )
+    assert suite.cells_from(payload, "val") == [
+        suite.Cell("demo", "mp_fisher_taylor", "lsq+bn", 0, 0, 0)
+    ]
+    assert suite.main(["--split", "val", "--cells-from", str(payload)]) == 0
+    stored = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.json"))
+    assert stored == ["listed.json", "val/demo/mp_fisher_taylor__lsq+bn__t0.00__r0__s0.json"]
+    capsys.readouterr()
+    assert suite.main(["--split", "val", "--cells-from", str(tmp_path / "none.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --cells-from")
