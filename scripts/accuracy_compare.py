@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--b", type=Path, required=True, help="accuracy.json or results dir")
     parser.add_argument("--splits", nargs="+", default=list(accuracy_suite.SPLITS))
     parser.add_argument("--out", type=Path, default=None, help="JSON of every compared point")
+    parser.add_argument(
+        "--models", nargs="+", default=None, help="only these models (default: every model)"
+    )
     args = parser.parse_args(argv)
     for path in (args.a, args.b):
         if not path.exists():
@@ -142,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     payload = {}
     for split in args.splits:
-        rows = compare(load_run(args.a, split), load_run(args.b, split))
+        runs = [load_run(path, split) for path in (args.a, args.b)]
+        if args.models:
+            runs = [[r for r in run if r["model"] in args.models] for run in runs]
+        rows = compare(*runs)
         payload[split] = {"rows": rows, "summary": summary(rows)}
         print(f"\n## {split}: A = {args.a}, B = {args.b}\n")
         print("\n".join(markdown(rows)))
