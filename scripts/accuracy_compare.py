@@ -5,9 +5,10 @@ summation order), so two machines give two trainings of every model: two samples
 model of this family", on which the defaults chosen on one can be checked on the other.
 
 For every (split, model, MAC target, recovery epochs) that both runs measured, the default
-(`mp_fisher_taylor` + `lsq+bn` for structured pruning, the default N:M method for 2:4; read from
-the code) is set against the best other method measured in **both** runs at the same point
-(same compensation, or `none` for Torch-Pruning); the margin is in held-out images.
+(`PruneConfig`'s criterion + compensation for structured pruning, the default N:M method for
+2:4; read from the code, or `--default`) is set against the best other method measured in
+**both** runs at the same point (same compensation, or `none` for Torch-Pruning); the margin is
+in held-out images.
 
     python scripts/accuracy_compare.py --a old.json --b docs/accuracy.json --out cmp.json
 
@@ -37,11 +38,11 @@ def load_run(source: Path, split: str) -> list[dict[str, Any]]:
     return json.loads(source.read_text())["splits"].get(split, [])
 
 
-def default_methods() -> tuple[str, str, str]:
+def default_methods(method: str | None = None) -> tuple[str, str, str]:
     from mpdeploy.prune.nm import SparsityConfig
 
     chosen = accuracy_suite.defaults()
-    return chosen["method"], chosen["compensate"], NM_PREFIX + SparsityConfig.method
+    return method or chosen["method"], chosen["compensate"], NM_PREFIX + SparsityConfig.method
 
 
 def comparable(records: list[dict[str, Any]]) -> dict[tuple, float]:
@@ -49,8 +50,8 @@ def comparable(records: list[dict[str, Any]]) -> dict[tuple, float]:
     return {k: v[0] for k, v in accuracy_suite.summarise(records).items()}
 
 
-def compare(a: list[dict], b: list[dict]) -> list[dict[str, Any]]:
-    method, comp, nm_method = default_methods()
+def compare(a: list[dict], b: list[dict], method: str | None = None) -> list[dict[str, Any]]:
+    method, comp, nm_method = default_methods(method)
     stats = comparable(a), comparable(b)
     images = {r["model"]: r["eval_images"] for r in a + b if "eval_images" in r}
     rows = []
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--models", nargs="+", default=None, help="only these models (default: every model)"
     )
+    parser.add_argument(
+        "--default", default=None, help="the structured criterion to check (default: PruneConfig's)"
+    )
     args = parser.parse_args(argv)
     for path in (args.a, args.b):
         if not path.exists():
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = [load_run(path, split) for path in (args.a, args.b)]
         if args.models:
             runs = [[r for r in run if r["model"] in args.models] for run in runs]
-        rows = compare(*runs)
+        rows = compare(*runs, method=args.default)
         payload[split] = {"rows": rows, "summary": summary(rows)}
         print(f"\n## {split}: A = {args.a}, B = {args.b}\n")
         print("\n".join(markdown(rows)))

@@ -346,8 +346,14 @@ def _ours(suite: SuiteModel, method: str, compensate: str, target: float, seed: 
         target_macs=target, method=method, seed=seed, **_config_kwargs(PruneConfig, compensate)
     )
     spectrum = analyze_model(suite.model, sparsity=target)
+    images = calibration(suite.key)
+    groups = None
+    if suite.metric == "agreement":  # crops of 14 photos: the photo of each (as `_nm` does)
+        from lite0_calibration import calibration_groups
+
+        groups = calibration_groups(images.shape[0])
     result = prune_model(
-        suite.model, calibration(suite.key), spectrum, config, input_shape=suite.input_shape
+        suite.model, images, spectrum, config, input_shape=suite.input_shape, groups=groups
     )
     return result.model
 

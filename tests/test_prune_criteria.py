@@ -152,3 +152,56 @@ def test_fisher_scores_a_constant_unit_zero_after_bias_compensation():
     again = MPFisherCriterion().unit_scores(model, groups, ctx)
     assert all(np.array_equal(again[g], scores[g]) for g in scores)  # seeded label samples
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_mp_fisher_robust_adds_two_standard_errors_of_the_fold_means_by_hand():
+    """mp_fisher_robust = mp_fisher_taylor's E[a²] + 2 · std over folds of the fold means of a² /
+    √folds (a: a unit's per-image loss change), over the budget weight; one fold: exactly
+    mp_fisher_taylor."""
+    from mpdeploy.prune.criteria import MPFisherRobustCriterion, MPFisherTaylorCriterion
+    from mpdeploy.prune.obs import fold_ids
+
+    model = make_model("test_vit", {})
+    calib = torch.randn(12, *input_size(model))
+    groups = get_family(model).channel_groups(model)
+    photos = ["a", "b", "c"] * 4  # round-robin crops of three photos
+    folds = fold_ids(photos, 12)
+    ctx = ScoringContext(calib, {"blocks.0.mlp.fc2": 2.0}, batch_size=4, folds=folds)
+    captured = {}
+
+    class Spy(MPFisherRobustCriterion):
+        def _unit_score(self, per_unit, ctx):
+            captured[len(captured)] = per_unit.clone()
+            return super()._unit_score(per_unit, ctx)
+
+    robust = Spy().unit_scores(model, groups, ctx)
+    plain = MPFisherTaylorCriterion().unit_scores(model, groups, ctx)
+    index = [g.name for g in groups].index("blocks.0.mlp")
+    a2 = captured[index].pow(2).numpy()  # (images, units)
+    fold_means = np.stack([a2[folds.numpy() == f].mean(0) for f in range(3)])
+    by_hand = (a2.mean(0) + 2.0 * fold_means.std(0, ddof=1) / np.sqrt(3)) / 2.0
+    np.testing.assert_allclose(robust["blocks.0.mlp"], by_hand, rtol=1e-10)
+    np.testing.assert_allclose(plain["blocks.0.mlp"], a2.mean(0) / 2.0, rtol=1e-10)
+    assert all((robust[g] >= plain[g] - 1e-15).all() for g in plain if "mlp" in g)
+    # every image from one photo: no spread to estimate, the scores are mp_fisher_taylor's
+    one = ScoringContext(
+        calib, {"blocks.0.mlp.fc2": 2.0}, batch_size=4, folds=fold_ids(["a"] * 12, 12)
+    )
+    same = MPFisherRobustCriterion().unit_scores(model, groups, one)
+    assert all(np.array_equal(same[g], plain[g]) for g in plain)
+
+
+def test_prune_model_refuses_calibration_groups_of_the_wrong_length():
+    from mpdeploy.errors import UserError
+    from mpdeploy.prune import PruneConfig, prune_model
+
+    model = make_model("test_vit", {})
+    calib = torch.randn(8, *input_size(model))
+    with pytest.raises(UserError, match="7 calibration groups for 8 calibration images"):
+        prune_model(
+            model,
+            calib,
+            None,
+            PruneConfig(target_macs=0.3, method="mp_fisher_robust"),
+            groups=["p"] * 7,
+        )

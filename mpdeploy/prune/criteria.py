@@ -23,10 +23,13 @@ compared through exactly the same code. Low score = removed first.
   the model's own softmax, so that E_y[g gᵀ] is the Gauss–Newton matrix of KL(p_dense ‖ p) at
   the dense model (no labels needed). Divided by the consumer layer's MP budget weight, as `mp`.
 - `fisher`: the same without the budget weight.
-- `mp_fisher_taylor` (default, `PruneConfig.method`): `mp_fisher`, except that within each
+- `mp_fisher_taylor` (the default until 2026-11-28): `mp_fisher`, except that within each
   attention group the heads are removed in `taylor`'s order (the group keeps mp_fisher's score
   values, so the plan's allocation is mp_fisher's); identical to `mp_fisher` on CNNs.
 - `mp_taylor`: `taylor` divided by the square root of the MP budget weight.
+- `mp_fisher_robust` (default, `PruneConfig.method`): `mp_fisher_taylor` with each unit's score
+  raised by two standard errors of its mean over folds of the calibration images (one fold per
+  photo for crops of a few photos): what the images cannot pin down is kept.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ class ScoringContext:
     seed: int = 0
     batch_size: int = 32
     max_rows: int = 4096  # activation rows kept per layer and batch for k×k conv statistics
+    # per calibration image its fold (`prune.obs.fold_ids`: the crops of one photo share one),
+    # for the between-fold standard error of `mp_fisher_robust`; None: contiguous chunks
+    folds: torch.Tensor | None = None
 
 
 class Criterion:
@@ -264,8 +270,12 @@ class FisherCriterion(Criterion):
             change = torch.cat(first[g.name]) - torch.cat(grad_sums[g.name]) * mu  # (N, width)
             per_unit = change.view(change.shape[0], g.units, g.unit).sum(2)
             weight = float(weights.get(g.consumer_module, 1.0))
-            scores[g.name] = (per_unit.pow(2).mean(0) / weight).numpy()
+            scores[g.name] = (self._unit_score(per_unit, ctx) / weight).numpy()
         return scores, {name: (total / images).numpy() for name, total in taylor.items()}
+
+    def _unit_score(self, per_unit: torch.Tensor, ctx: ScoringContext) -> torch.Tensor:
+        """(images, units) first-order loss changes → each unit's expected squared change."""
+        return per_unit.pow(2).mean(0)
 
 
 class MPFisherCriterion(FisherCriterion):
@@ -296,6 +306,34 @@ class MPFisherTaylorCriterion(MPFisherCriterion):
         return scores
 
 
+class MPFisherRobustCriterion(MPFisherTaylorCriterion):
+    """`mp_fisher_taylor` with each unit's score raised by `standard_errors` standard errors of
+    its mean over folds of the calibration images (the crops of one photo are one fold; distinct
+    images are cut into at most 16 contiguous folds, `prune.obs.fold_ids`).
+
+    A unit the calibration images call cheap on average but that some of them need (a late
+    channel that answers to a class one photo shows) gets a large spread between folds and is
+    kept; where the folds agree the score is `mp_fisher_taylor`'s. The same caution as
+    `obs_shrink`'s for 2:4 (docs/pruning.md, "Criteria")."""
+
+    name = "mp_fisher_robust"
+    standard_errors: ClassVar[float] = 2.0
+
+    def _unit_score(self, per_unit: torch.Tensor, ctx: ScoringContext) -> torch.Tensor:
+        from mpdeploy.prune.obs import fold_ids
+
+        squared = per_unit.pow(2)
+        folds = ctx.folds if ctx.folds is not None else fold_ids(None, squared.shape[0])
+        if folds.shape[0] != squared.shape[0]:
+            raise ValueError(f"{folds.shape[0]} fold ids for {squared.shape[0]} images")
+        labels = torch.unique(folds)
+        if labels.numel() < 2:
+            return squared.mean(0)
+        means = torch.stack([squared[folds == f].mean(0) for f in labels])
+        spread = means.std(0) / float(labels.numel()) ** 0.5
+        return squared.mean(0) + self.standard_errors * spread
+
+
 CRITERIA: dict[str, type[Criterion]] = {
     c.name: c
     for c in (
@@ -303,6 +341,7 @@ CRITERIA: dict[str, type[Criterion]] = {
         MPAbsoluteCriterion,
         MPFisherCriterion,
         MPFisherTaylorCriterion,
+        MPFisherRobustCriterion,
         FisherCriterion,
         MagnitudeCriterion,
         RandomCriterion,

@@ -18,7 +18,7 @@ import copy
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,9 @@ MIN_COMPENSATE_IMAGES = 64  # compensation and the headline at least this many
 @dataclasses.dataclass(frozen=True)
 class PruneConfig:
     target_macs: float  # fraction of the dense MACs to remove
-    method: str = "mp_fisher_taylor"  # chosen on the suite's validation split (docs/accuracy.md)
+    # chosen on the suite's validation split (docs/accuracy.md, "`mp_fisher_robust`"; before
+    # 2026-11-28 21:20 UTC `mp_fisher_taylor`)
+    method: str = "mp_fisher_robust"
     round_to: int = 8
     seed: int = 0
     tolerance: float = 0.01  # |achieved − target| on the MAC-reduction fraction
@@ -99,8 +101,12 @@ def prune_model(
     *,
     spec: Any = None,
     input_shape: tuple[int, int, int] | None = None,
+    groups: Sequence[Hashable] | None = None,
 ) -> PruneResult:
-    """Remove the lowest-importance units of a copy of `model` until `target_macs` is reached."""
+    """Remove the lowest-importance units of a copy of `model` until `target_macs` is reached.
+
+    `groups`: per calibration image the photo it was cut from (`CalibrationSet.groups()`, as for
+    `sparsify`); criteria that weigh the spread between photos (`mp_fisher_robust`) read it."""
     from mpdeploy.families.surgery import group_widths
     from mpdeploy.prune.criteria import get_criterion
     from mpdeploy.prune.macs import count_macs
@@ -117,10 +123,16 @@ def prune_model(
         if calib is None:
             raise UserError("prune_model needs input_shape or a calibration batch")
         input_shape = tuple(calib.shape[1:])
+    if groups is not None and (calib is None or len(groups) != calib.shape[0]):
+        count = 0 if calib is None else calib.shape[0]
+        raise UserError(f"{len(groups)} calibration groups for {count} calibration images")
     if config.steps > 1:
-        sel, step_log = _select_in_steps(model, calib, spectrum, config, input_shape, criterion)
+        sel, step_log = _select_in_steps(
+            model, calib, spectrum, config, input_shape, criterion, groups
+        )
     else:
-        sel, step_log = _select(model, calib, spectrum, config, input_shape, criterion), []
+        sel = _select(model, calib, spectrum, config, input_shape, criterion, groups)
+        step_log = []
     groups, removed, dense_count, split = sel.groups, sel.removed, sel.dense_count, sel.split
     comp_calib = None if calib is None else calib[: split["compensate_images"]]
     pruned = _cut(model, groups, removed).eval()
@@ -211,10 +223,12 @@ def _select(
     config: PruneConfig,
     input_shape: tuple[int, ...],
     criterion: Any,
+    image_groups: Sequence[Hashable] | None = None,
 ) -> _Selection:
     """Score `model`'s units and choose the chunks that reach `config.target_macs` of its MACs."""
     from mpdeploy.prune.criteria import ScoringContext
     from mpdeploy.prune.macs import count_macs
+    from mpdeploy.prune.obs import fold_ids
 
     family = get_family(model)
     groups = family.channel_groups(model)
@@ -229,12 +243,16 @@ def _select(
             split["compensate_images"],
             split["images"],
         )
+    scored = split["score_images"]
     ctx = ScoringContext(
-        calib=None if calib is None else calib[: split["score_images"]],
+        calib=None if calib is None else calib[:scored],
         budget_weights=budget_weights(spectrum),
         unit_macs=unit_macs,
         seed=config.seed,
         batch_size=config.batch_size,
+        folds=None
+        if calib is None or image_groups is None
+        else fold_ids(list(image_groups)[:scored], scored),
     )
     criterion.check(ctx)
     scores = criterion.unit_scores(model, groups, ctx)
@@ -268,6 +286,7 @@ def _select_in_steps(
     config: PruneConfig,
     input_shape: tuple[int, ...],
     criterion: Any,
+    image_groups: Sequence[Hashable] | None = None,
 ) -> tuple[_Selection, list[dict[str, Any]]]:
     """`config.steps` selections of equal MAC share (step i reaches i/steps of the target, in
     dense MACs), each on the model the earlier ones cut and compensated, composed into one
@@ -282,7 +301,7 @@ def _select_in_steps(
         goal = config.target_macs * step / config.steps
         share = 1.0 - (1.0 - goal) / (1.0 - done)  # of the current model's MACs
         step_config = dataclasses.replace(config, target_macs=share, steps=1)
-        sel = _select(current, calib, spectrum, step_config, input_shape, criterion)
+        sel = _select(current, calib, spectrum, step_config, input_shape, criterion, image_groups)
         trials += [{"step": step, **trial} for trial in sel.trials]
         if first is None:
             first = sel
