@@ -205,3 +205,17 @@ def test_prune_model_refuses_calibration_groups_of_the_wrong_length():
             PruneConfig(target_macs=0.3, method="mp_fisher_robust"),
             groups=["p"] * 7,
         )
+
+
+def test_prune_model_records_the_folds_its_scores_were_taken_over():
+    """Crops of three photos: three folds; distinct images: one chunk each, at most 16."""
+    from mpdeploy.prune import PruneConfig, prune_model
+
+    model = make_model("test_vit", {})
+    calib = torch.randn(12, *input_size(model))
+    config = PruneConfig(target_macs=0.3)
+    by_photo = prune_model(model, calib, None, config, groups=["a", "b", "c"] * 4)
+    assert by_photo.plan["method"] == "mp_fisher_robust"
+    assert by_photo.plan["calibration"]["score_folds"] == 3
+    distinct = prune_model(model, calib, None, config)
+    assert distinct.plan["calibration"]["score_folds"] == 12

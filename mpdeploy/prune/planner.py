@@ -167,7 +167,9 @@ def prune_model(
         "budget_weights_from": "spectrum" if sel.ctx.budget_weights else "none (all 1.0)",
         "uses_budget_weights": sel.uses_budget_weights,
         "mac_iterations": sel.trials,
-        "calibration": split,
+        # folds of the scored images (the photos they were cut from, else contiguous chunks):
+        # what `mp_fisher_robust`'s standard errors are taken over
+        "calibration": {**split, "score_folds": _fold_count(sel.ctx)},
         "compensation": compensation,
         "groups": [
             group_record(
@@ -203,6 +205,15 @@ class _Selection:
     counts: dict[frozenset, Any]  # MacCount of every plan the search measured
     ctx: Any
     uses_budget_weights: bool
+
+
+def _fold_count(ctx: Any) -> int | None:
+    from mpdeploy.prune.obs import fold_ids
+
+    if ctx.calib is None:
+        return None
+    folds = ctx.folds if ctx.folds is not None else fold_ids(None, ctx.calib.shape[0])
+    return int(torch.unique(folds).numel())
 
 
 def _cut(model: nn.Module, groups: list[ChannelGroup], removed, *, share_weights=False):
