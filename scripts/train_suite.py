@@ -273,6 +273,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="retrain even if weights exist")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="training seed (the suite's models are seed 0; other seeds give other trainings of "
+        "the same recipes, e.g. to check that a choice carries over; use another --cache-dir)",
+    )
     return parser.parse_args(argv)
 
 
@@ -282,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         if weights_path(key, args.cache_dir).is_file() and not args.force:
             print(f"{key}: cached at {weights_path(key, args.cache_dir)}")
             continue
-        summary = train(SUITE[key], args.cache_dir, threads=args.threads)
+        summary = train(SUITE[key], args.cache_dir, seed=args.seed, threads=args.threads)
         print(json.dumps({k: summary[k] for k in ("key", "params", "val_top1", "train_seconds")}))
     return 0
 

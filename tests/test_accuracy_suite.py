@@ -239,3 +239,20 @@ def test_cells_from_runs_exactly_the_listed_cells(suite, tmp_path, capsys):
     assert suite.main(["--split", "val", "--cells-from", str(tmp_path / "none.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --cells-from")
+
+
+def test_train_suite_passes_the_seed_and_cache_dir_to_train(suite, tmp_path, monkeypatch):
+    """`train_suite.py --seed 3 --cache-dir D`: another training of the same recipe, elsewhere."""
+    import train_suite
+
+    calls = []
+
+    def fake_train(spec, cache_dir, seed=0, threads=1):
+        calls.append((spec.key, cache_dir, seed, threads))
+        return {"key": spec.key, "params": 1, "val_top1": 0.5, "train_seconds": 0.0}
+
+    monkeypatch.setattr(train_suite, "train", fake_train)
+    argv = ["--models", "vit_t", "--seed", "3", "--cache-dir", str(tmp_path), "--threads", "2"]
+    assert train_suite.main(argv) == 0
+    assert calls == [("vit_t", tmp_path, 3, 2)]
+    assert train_suite.parse_args([]).seed == 0
