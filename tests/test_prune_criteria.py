@@ -213,7 +213,7 @@ def test_prune_model_records_the_folds_its_scores_were_taken_over():
 
     model = make_model("test_vit", {})
     calib = torch.randn(12, *input_size(model))
-    config = PruneConfig(target_macs=0.3)
+    config = PruneConfig(target_macs=0.3, method="mp_fisher_robust")
     by_photo = prune_model(model, calib, None, config, groups=["a", "b", "c"] * 4)
     assert by_photo.plan["method"] == "mp_fisher_robust"
     assert by_photo.plan["calibration"]["score_folds"] == 3

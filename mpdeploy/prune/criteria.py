@@ -23,13 +23,14 @@ compared through exactly the same code. Low score = removed first.
   the model's own softmax, so that E_y[g gᵀ] is the Gauss–Newton matrix of KL(p_dense ‖ p) at
   the dense model (no labels needed). Divided by the consumer layer's MP budget weight, as `mp`.
 - `fisher`: the same without the budget weight.
-- `mp_fisher_taylor` (the default until 2026-11-28): `mp_fisher`, except that within each
+- `mp_fisher_taylor` (default, `PruneConfig.method`): `mp_fisher`, except that within each
   attention group the heads are removed in `taylor`'s order (the group keeps mp_fisher's score
   values, so the plan's allocation is mp_fisher's); identical to `mp_fisher` on CNNs.
 - `mp_taylor`: `taylor` divided by the square root of the MP budget weight.
-- `mp_fisher_robust` (default, `PruneConfig.method`): `mp_fisher_taylor` with each unit's score
-  raised by two standard errors of its mean over folds of the calibration images (one fold per
-  photo for crops of a few photos): what the images cannot pin down is kept.
+- `mp_fisher_robust`: `mp_fisher_taylor` with each unit's score raised by two standard errors
+  of its mean over folds of the calibration images (one fold per photo for crops of a few
+  photos). Not the default: on a fresh training of a small ViT it collapsed at 70 %
+  (docs/accuracy.md).
 """
 
 from __future__ import annotations

@@ -44,9 +44,9 @@ MIN_COMPENSATE_IMAGES = 64  # compensation and the headline at least this many
 @dataclasses.dataclass(frozen=True)
 class PruneConfig:
     target_macs: float  # fraction of the dense MACs to remove
-    # chosen on the suite's validation split (docs/accuracy.md, "`mp_fisher_robust`"; before
-    # 2026-11-28 21:20 UTC `mp_fisher_taylor`)
-    method: str = "mp_fisher_robust"
+    # chosen on the suite's validation split (docs/accuracy.md); `mp_fisher_robust` was the
+    # default for half an hour on 2026-11-28 and collapsed on a fresh training (same doc)
+    method: str = "mp_fisher_taylor"
     round_to: int = 8
     seed: int = 0
     tolerance: float = 0.01  # |achieved − target| on the MAC-reduction fraction
