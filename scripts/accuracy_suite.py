@@ -338,6 +338,17 @@ def _config_kwargs(config_cls: type, compensate: str) -> dict[str, Any]:
     return {}
 
 
+def calibration_photos(suite: SuiteModel, images: torch.Tensor) -> list[str] | None:
+    """The photo each calibration image was cut from, for the criteria and 2:4 methods that
+    weigh the spread between photos (`obs_shrink`, `mp_fisher_robust`): efficientnet-lite0's
+    crops of 14 photos; None for the digits models (distinct images)."""
+    if suite.metric != "agreement":
+        return None
+    from lite0_calibration import calibration_groups
+
+    return calibration_groups(images.shape[0])
+
+
 def _ours(suite: SuiteModel, method: str, compensate: str, target: float, seed: int):
     from mpdeploy.prune import PruneConfig, prune_model
     from mpdeploy.spectrum import analyze_model
@@ -347,13 +358,13 @@ def _ours(suite: SuiteModel, method: str, compensate: str, target: float, seed: 
     )
     spectrum = analyze_model(suite.model, sparsity=target)
     images = calibration(suite.key)
-    groups = None
-    if suite.metric == "agreement":  # crops of 14 photos: the photo of each (as `_nm` does)
-        from lite0_calibration import calibration_groups
-
-        groups = calibration_groups(images.shape[0])
     result = prune_model(
-        suite.model, images, spectrum, config, input_shape=suite.input_shape, groups=groups
+        suite.model,
+        images,
+        spectrum,
+        config,
+        input_shape=suite.input_shape,
+        groups=calibration_photos(suite, images),
     )
     return result.model
 
@@ -366,11 +377,7 @@ def _nm(suite: SuiteModel, method: str, compensate: str, pattern: str, seed: int
         k, n, method=method, seed=seed, **_config_kwargs(SparsityConfig, compensate)
     )
     images = calibration(suite.key)
-    groups = None
-    if suite.metric == "agreement":  # crops of 14 photos: obs_shrink's folds are the photos
-        from lite0_calibration import calibration_groups
-
-        groups = calibration_groups(images.shape[0])
+    groups = calibration_photos(suite, images)
     result = sparsify(suite.model, images, config, input_shape=suite.input_shape, groups=groups)
     extra = {"mac_reduction": float(result.headline.get("sparse_mac_reduction", 0.0))}
     return result.model, result.masks, extra

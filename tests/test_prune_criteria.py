@@ -219,3 +219,6 @@ def test_prune_model_records_the_folds_its_scores_were_taken_over():
     assert by_photo.plan["calibration"]["score_folds"] == 3
     distinct = prune_model(model, calib, None, config)
     assert distinct.plan["calibration"]["score_folds"] == 12
+    # a criterion that never reads folds records none
+    plain = prune_model(model, calib, None, PruneConfig(target_macs=0.3), groups=["a"] * 12)
+    assert plain.plan["calibration"]["score_folds"] is None

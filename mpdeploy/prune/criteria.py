@@ -60,11 +60,20 @@ class ScoringContext:
     # for the between-fold standard error of `mp_fisher_robust`; None: contiguous chunks
     folds: torch.Tensor | None = None
 
+    def image_folds(self) -> torch.Tensor | None:
+        """`folds`, or for distinct images at most 16 contiguous chunks; None without images."""
+        from mpdeploy.prune.obs import fold_ids
+
+        if self.folds is not None or self.calib is None:
+            return self.folds
+        return fold_ids(None, self.calib.shape[0])
+
 
 class Criterion:
     name: ClassVar[str]
     min_calibration: ClassVar[int] = 0  # images needed
     uses_budget_weights: ClassVar[bool] = False  # scores divided by the MP budget weights
+    uses_folds: ClassVar[bool] = False  # scores read the calibration images' folds
 
     def unit_scores(
         self, model: nn.Module, groups: list[ChannelGroup], ctx: ScoringContext
@@ -318,13 +327,12 @@ class MPFisherRobustCriterion(MPFisherTaylorCriterion):
     `obs_shrink`'s for 2:4 (docs/pruning.md, "Criteria")."""
 
     name = "mp_fisher_robust"
+    uses_folds = True
     standard_errors: ClassVar[float] = 2.0
 
     def _unit_score(self, per_unit: torch.Tensor, ctx: ScoringContext) -> torch.Tensor:
-        from mpdeploy.prune.obs import fold_ids
-
         squared = per_unit.pow(2)
-        folds = ctx.folds if ctx.folds is not None else fold_ids(None, squared.shape[0])
+        folds = ctx.image_folds()
         if folds.shape[0] != squared.shape[0]:
             raise ValueError(f"{folds.shape[0]} fold ids for {squared.shape[0]} images")
         labels = torch.unique(folds)

@@ -167,9 +167,12 @@ def prune_model(
         "budget_weights_from": "spectrum" if sel.ctx.budget_weights else "none (all 1.0)",
         "uses_budget_weights": sel.uses_budget_weights,
         "mac_iterations": sel.trials,
-        # folds of the scored images (the photos they were cut from, else contiguous chunks):
-        # what `mp_fisher_robust`'s standard errors are taken over
-        "calibration": {**split, "score_folds": _fold_count(sel.ctx)},
+        # for a criterion that reads them (`mp_fisher_robust`), the folds of the scored images:
+        # the photos they were cut from, else contiguous chunks
+        "calibration": {
+            **split,
+            "score_folds": _fold_count(sel.ctx) if criterion.uses_folds else None,
+        },
         "compensation": compensation,
         "groups": [
             group_record(
@@ -208,12 +211,8 @@ class _Selection:
 
 
 def _fold_count(ctx: Any) -> int | None:
-    from mpdeploy.prune.obs import fold_ids
-
-    if ctx.calib is None:
-        return None
-    folds = ctx.folds if ctx.folds is not None else fold_ids(None, ctx.calib.shape[0])
-    return int(torch.unique(folds).numel())
+    folds = ctx.image_folds()
+    return None if folds is None else int(torch.unique(folds).numel())
 
 
 def _cut(model: nn.Module, groups: list[ChannelGroup], removed, *, share_weights=False):
