@@ -73,8 +73,7 @@ def compare(a: list[dict], b: list[dict], method: str | None = None) -> list[dic
             and k[3] == target
             and k[4] == epochs
             and k[1] != ours
-            and k[2] in (comp, "none")
-            and (k[2] == comp or k[1] in accuracy_suite.TP_METHODS)
+            and (k[2] == comp or (k[2] == "none" and k[1] in accuracy_suite.TP_METHODS))
         ]
         row: dict[str, Any] = {
             "model": model,
