@@ -161,3 +161,14 @@ def test_distilled_and_register_token_vits_keep_their_prefix_tokens():
         measured = dense.total_macs - count_macs(pruned, (1, *input_size(model))).total_macs
         # the prefix tokens count in QKᵀ and AV like patch tokens do
         assert measured == pytest.approx(estimate, rel=1e-6)
+
+
+def test_mp_fisher_robust_gives_each_window_its_images_photo(swin):
+    """Swin's attention sees each image as several windows (rows B·nW): the photo folds are
+    spread over them, so a build calibrated on photo crops prunes a Swin with mp_fisher_robust."""
+    torch.manual_seed(0)
+    calib = torch.randn(4, *input_size(swin))
+    config = PruneConfig(target_macs=0.3, method="mp_fisher_robust")
+    result = prune_model(swin, calib, None, config, groups=["a", "b", "a", "b"])
+    assert result.plan["calibration"]["score_folds"] == 2
+    assert abs(result.headline["mac_reduction"] - 0.3) <= 0.03

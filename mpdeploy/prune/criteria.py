@@ -333,8 +333,12 @@ class MPFisherRobustCriterion(MPFisherTaylorCriterion):
     def _unit_score(self, per_unit: torch.Tensor, ctx: ScoringContext) -> torch.Tensor:
         squared = per_unit.pow(2)
         folds = ctx.image_folds()
-        if folds.shape[0] != squared.shape[0]:
-            raise ValueError(f"{folds.shape[0]} fold ids for {squared.shape[0]} images")
+        # a consumer that sees each image as several rows (Swin's windows: B·nW, image-major)
+        # gives every row its image's fold
+        rows, images = squared.shape[0], folds.shape[0]
+        if rows % images:
+            raise ValueError(f"{rows} score rows for {images} calibration images")
+        folds = folds.repeat_interleave(rows // images)
         labels = torch.unique(folds)
         if labels.numel() < 2:
             return squared.mean(0)
