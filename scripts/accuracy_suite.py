@@ -75,6 +75,22 @@ class SuiteSettings:
     eval_limit: int | None = None  # first N held-out images only (tests, smoke runs)
     threads: int = 1
     results_dir: Path = RESULTS_DIR
+    # which training of the digits models (train_suite.py --seed): 0 is the suite's own; another
+    # seed replicates the measurement on other weights of the same recipes, its cells kept apart
+    train_seed: int = 0
+
+    @property
+    def results_root(self) -> Path:
+        """Where this training's cells live: seed 0 in results_dir, seed N in train-seed-N/."""
+        return (
+            self.results_dir / training_name(self.train_seed)
+            if self.train_seed
+            else self.results_dir
+        )
+
+
+def training_name(seed: int) -> str:
+    return f"{train_suite.TRAINING_PREFIX}{seed}"
 
 
 SETTINGS = SuiteSettings()
@@ -143,7 +159,10 @@ class SuiteModel:
 @functools.lru_cache(maxsize=2)
 def load_model(key: str) -> SuiteModel:
     if key in train_suite.SUITE:
-        model, config = train_suite.load_suite_model(key, threads=SETTINGS.threads)
+        seed = SETTINGS.train_seed
+        model, config = train_suite.load_suite_model(
+            key, train_suite.training_dir(seed), threads=SETTINGS.threads, seed=seed
+        )
         return SuiteModel(key, model, config, "top1")
     if key == DEMO:
         from mpdeploy.models import create_model
@@ -504,7 +523,7 @@ def cell_path(
 ) -> Path:
     target_name = str(target).replace(":", "of") if isinstance(target, str) else f"{target:.2f}"
     name = f"{method}__{compensate}__t{target_name}__r{epochs}__s{seed}.json"
-    return SETTINGS.results_dir / split / key / name
+    return SETTINGS.results_root / split / key / name
 
 
 _PRUNED: dict[tuple, Pruned] = {}
@@ -556,6 +575,7 @@ def run_cell(
         "calib_images": SETTINGS.calib_size,
         "dense_top1": dense_top1,
         "weights_sha256": weights_digest(model_key),
+        "train_seed": SETTINGS.train_seed,
     }
     if target in (0, 0.0, "0"):
         record.update(top1=dense_top1, top1_zero_shot=dense_top1, mac_reduction=0.0)
@@ -585,7 +605,8 @@ def run_cell(
 
 def weights_digest(key: str) -> str:
     """The trained weights a cell measured (suite models are retrained when their recipe changes)."""
-    summary = train_suite.weights_path(key).with_suffix(".json")
+    summary = train_suite.weights_path(key, train_suite.training_dir(SETTINGS.train_seed))
+    summary = summary.with_suffix(".json")
     if key in train_suite.SUITE and summary.is_file():
         return json.loads(summary.read_text())["sha256"]
     return "bundled"
@@ -668,6 +689,8 @@ def _compensates(method: str) -> bool:
 
 def skip_reason(cell: Cell) -> str | None:
     """Why a cell cannot run with today's code (reported, not stored)."""
+    if SETTINGS.train_seed and cell.model not in train_suite.SUITE:
+        return f"bundled weights: one training only (--train-seed {SETTINGS.train_seed})"
     if cell.model != EFFNET:
         return None
     if cell.method.startswith("nm_") or cell.method in TP_METHODS:
@@ -709,7 +732,7 @@ def run_grid(cells: list[Cell], split: str) -> None:
 
 def load_records(split: str, results_dir: Path | None = None) -> list[dict[str, Any]]:
     """Every stored cell of `split`, and the last error of each cell that has no result."""
-    root = (results_dir or SETTINGS.results_dir) / split
+    root = (results_dir or SETTINGS.results_root) / split
     done = [json.loads(p.read_text()) for p in sorted(root.glob("*/*.json"))]
     failed = [p for p in sorted(root.glob("*/*.err")) if not p.with_suffix(".json").is_file()]
     return done + [json.loads(p.read_text()) for p in failed]
@@ -974,24 +997,60 @@ def models_table() -> list[str]:
     return [*lines, ""]
 
 
+def _split_section(split: str, records: list[dict[str, Any]], level: str = "##") -> list[str]:
+    dates = sorted(r["date"] for r in records if "date" in r)
+    return [
+        f"{level} {split} split ({len(records)} cells, measured "
+        f"{dates[0][:16].replace('T', ' ')} – {_until(dates[0], dates[-1])} UTC)",
+        "",
+    ]
+
+
+def trainings(results_dir: Path | None = None) -> list[int]:
+    """The other trainings of the digits models that have cells (train_suite.py --seed N)."""
+    root = results_dir or SETTINGS.results_dir
+    prefix = train_suite.TRAINING_PREFIX
+    found = (p.name[len(prefix) :] for p in root.glob(f"{prefix}*") if p.is_dir())
+    return sorted(int(n) for n in found if n.isdigit() and int(n) > 0)
+
+
+def replication_sections(seed: int, payload: dict[str, Any]) -> list[str]:
+    """The targets read again on training seed `seed`'s cells: does a verdict carry over to other
+    weights of the same recipes? (No choice is made from them.)"""
+    root = SETTINGS.results_dir / training_name(seed)
+    sections = [
+        f"## Replication: the digits models trained with seed {seed}",
+        "",
+        f"The same cells on another training of each digits model (`scripts/train_suite.py "
+        f"--seed {seed}`; `scripts/accuracy_suite.py --train-seed {seed}`). The demo and "
+        "efficientnet-lite0 have one set of weights and are not repeated here. Nothing was "
+        "chosen from these cells: they say whether the verdicts above belong to one training.",
+        "",
+    ]
+    for split in SPLITS:
+        records = load_records(split, root)
+        if not records:
+            continue
+        payload.setdefault("trainings", {}).setdefault(str(seed), {})[split] = records
+        sections += _split_section(split, records, "###") + target_checks(records)
+    return sections
+
+
 def write_doc(doc: Path = DOC, doc_json: Path = DOC_JSON) -> None:
     """docs/accuracy.md (intro kept above the generated block) and docs/accuracy.json."""
     from prune_eval import replace_block
 
     sections, payload = [], {"environment": environment(), "splits": {}}
     for split in SPLITS:
-        records = load_records(split)
+        records = load_records(split, SETTINGS.results_dir)
         if not records:
             continue
         payload["splits"][split] = records
         targets = sorted(
             {r["target"] for r in records if isinstance(r["target"], float) and r["target"] > 0}
         )
-        dates = sorted(r["date"] for r in records if "date" in r)
         sections += [
-            f"## {split} split ({len(records)} cells, measured {dates[0][:16].replace('T', ' ')} – "
-            f"{_until(dates[0], dates[-1])} UTC)",
-            "",
+            *_split_section(split, records),
             "### Targets of issue 11",
             "",
             *target_checks(records),
@@ -1000,6 +1059,8 @@ def write_doc(doc: Path = DOC, doc_json: Path = DOC_JSON) -> None:
         ]
         for key in dict.fromkeys(r["model"] for r in records):
             sections += model_table(key, [r for r in records if r["model"] == key], targets)
+    for seed in trainings():
+        sections += replication_sections(seed, payload)
     env = payload["environment"]
     head = ["Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".", ""]
     sections = head + models_table() + sections
@@ -1024,6 +1085,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=SETTINGS.threads)
     parser.add_argument("--doc", action="store_true", help="only (re)write docs/accuracy.md")
     parser.add_argument(
+        "--train-seed",
+        type=int,
+        default=0,
+        help="measure another training of the digits models (trained with this seed when "
+        "missing; cells kept apart; the demo and efficientnet-lite0 are skipped)",
+    )
+    parser.add_argument(
         "--cells-from",
         type=Path,
         default=None,
@@ -1036,7 +1104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     global SETTINGS
     args = parse_args(argv)
-    SETTINGS = dataclasses.replace(SETTINGS, calib_size=args.calib_size, threads=args.threads)
+    if args.train_seed < 0:
+        print(f"error: --train-seed must be ≥ 0, got {args.train_seed}", file=sys.stderr)
+        return 2
+    SETTINGS = dataclasses.replace(
+        SETTINGS, calib_size=args.calib_size, threads=args.threads, train_seed=args.train_seed
+    )
     if args.doc:
         write_doc()
         print(f"wrote {DOC} and {DOC_JSON}")

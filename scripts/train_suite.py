@@ -165,16 +165,26 @@ def build_model(spec: SuiteModel, **extra: Any) -> torch.nn.Module:
     )
 
 
+TRAINING_PREFIX = "train-seed-"  # + the seed: the folder of another training (weights, results)
+
+
+def training_dir(seed: int) -> Path:
+    """Where training seed `seed` keeps its weights: the suite's own (seed 0) in CACHE_DIR, every
+    other training of the same recipe in a folder of its own beside them."""
+    return CACHE_DIR if seed == 0 else CACHE_DIR / f"{TRAINING_PREFIX}{seed}"
+
+
 def load_suite_model(
-    key: str, cache_dir: Path = CACHE_DIR, threads: int = 1
+    key: str, cache_dir: Path = CACHE_DIR, threads: int = 1, seed: int = 0
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The trained suite model `key` (eval mode) and its data config; trains it when missing."""
+    """The trained suite model `key` (eval mode) and its data config; trains it (with `seed`)
+    when missing."""
     from safetensors.torch import load_file
 
     spec = SUITE[key]
     path = weights_path(key, cache_dir)
     if not path.is_file():
-        train(spec, cache_dir, threads=threads)
+        train(spec, cache_dir, seed=seed, threads=threads)
     model = build_model(spec)
     model.load_state_dict(load_file(str(path)))
     return model.eval(), data_config()
@@ -272,15 +282,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=list(SUITE), choices=list(SUITE))
     parser.add_argument("--force", action="store_true", help="retrain even if weights exist")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"default: {CACHE_DIR} for seed 0, {CACHE_DIR}/train-seed-N for seed N",
+    )
     parser.add_argument(
         "--seed",
         type=int,
         default=0,
         help="training seed (the suite's models are seed 0; other seeds give other trainings of "
-        "the same recipes, e.g. to check that a choice carries over; use another --cache-dir)",
+        "the same recipes, which `accuracy_suite.py --train-seed N` measures)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.cache_dir is None:
+        args.cache_dir = training_dir(args.seed)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

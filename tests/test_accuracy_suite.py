@@ -256,3 +256,56 @@ def test_train_suite_passes_the_seed_and_cache_dir_to_train(suite, tmp_path, mon
     assert train_suite.main(argv) == 0
     assert calls == [("vit_t", tmp_path, 3, 2)]
     assert train_suite.parse_args([]).seed == 0
+
+
+def test_train_seed_measures_another_training_kept_apart(suite, tmp_path, monkeypatch):
+    """--train-seed 1: the digits model of that training (trained with seed 1 when missing), its
+    cells beside the suite's own (not among them), the bundled models skipped, and the doc's
+    replication section built from them."""
+    import torch
+    import train_suite
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "weights"
+    monkeypatch.setattr(train_suite, "CACHE_DIR", weights)
+    trained = []
+
+    def fake_train(spec, cache_dir, seed=0, threads=1):
+        trained.append((spec.key, cache_dir, seed))
+        torch.manual_seed(seed)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        model = train_suite.build_model(spec)
+        save_file(model.state_dict(), str(train_suite.weights_path(spec.key, cache_dir)))
+        summary = {"key": spec.key, "sha256": f"untrained-seed-{seed}"}
+        train_suite.weights_path(spec.key, cache_dir).with_suffix(".json").write_text(
+            json.dumps(summary)
+        )
+        return summary
+
+    monkeypatch.setattr(train_suite, "train", fake_train)
+    results = tmp_path / "results"
+    monkeypatch.setattr(
+        suite, "SETTINGS", dataclasses.replace(suite.SETTINGS, results_dir=results, train_seed=1)
+    )
+    suite.load_model.cache_clear()
+    try:
+        record = suite.run_cell("vit_t", "magnitude", "none", 0.0, 0, 0, "val")
+        assert trained == [("vit_t", weights / "train-seed-1", 1)]
+        assert record["train_seed"] == 1 and record["weights_sha256"] == "untrained-seed-1"
+        stored = results / "train-seed-1" / "val" / "vit_t" / "magnitude__none__t0.00__r0__s0.json"
+        assert json.loads(stored.read_text()) == record
+        assert suite.load_records("val", results) == []  # the suite's own cells: untouched
+        assert suite.skip_reason(suite.Cell("demo", "magnitude", "none", 0.3, 0, 0))
+        assert suite.skip_reason(suite.Cell("vit_t", "magnitude", "none", 0.3, 0, 0)) is None
+        assert suite.trainings(results) == [1]
+
+        doc, doc_json = tmp_path / "accuracy.md", tmp_path / "accuracy.json"
+        doc.write_text("# intro kept\n")
+        monkeypatch.setattr(suite, "environment", lambda: {"machine": "test"})
+        suite.write_doc(doc, doc_json)
+        text = doc.read_text()
+        assert text.startswith("# intro kept") and "trained with seed 1" in text
+        payload = json.loads(doc_json.read_text())
+        assert payload["splits"] == {} and payload["trainings"]["1"]["val"] == [record]
+    finally:
+        suite.load_model.cache_clear()
