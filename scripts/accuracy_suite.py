@@ -237,21 +237,11 @@ def held_out(key: str, split: str) -> HeldOut:
 def photo_crops(names: Iterable[str], count: int, seed: int) -> list:
     """Seeded random crops (25–100 % of the area, random flip) of scikit-image's photos."""
     import skimage
+    from lite0_photo_agreement import random_crops
     from PIL import Image
 
     root = Path(skimage.__file__).parent / "data"
-    photos = [Image.open(root / name).convert("RGB") for name in names]
-    rng = np.random.default_rng(seed)
-    crops = []
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        w, h = photo.size
-        scale = rng.uniform(0.25, 1.0)
-        cw, ch = int(w * np.sqrt(scale)), int(h * np.sqrt(scale))
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        crop = photo.crop((x, y, x + cw, y + ch))
-        crops.append(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.integers(2) else crop)
-    return crops
+    return random_crops([Image.open(root / name).convert("RGB") for name in names], count, seed)
 
 
 @functools.lru_cache(maxsize=2)
@@ -532,7 +522,7 @@ _PRUNED: dict[tuple, Pruned] = {}
 def _pruned_cached(key, method, compensate, target, seed) -> Pruned:
     # deterministic criteria ignore the seed: one prune serves every recovery seed
     prune_seed = seed if method in ("random",) else 0
-    cache_key = (key, method, compensate, target, prune_seed)
+    cache_key = (SETTINGS.train_seed, key, method, compensate, target, prune_seed)
     if cache_key not in _PRUNED:
         if len(_PRUNED) > 4:
             _PRUNED.pop(next(iter(_PRUNED)))
