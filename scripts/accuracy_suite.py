@@ -1007,7 +1007,7 @@ def trainings(results_dir: Path | None = None) -> list[int]:
 def replication_sections(seed: int, payload: dict[str, Any]) -> list[str]:
     """The targets read again on training seed `seed`'s cells: does a verdict carry over to other
     weights of the same recipes? (No choice is made from them.)"""
-    root = SETTINGS.results_dir / training_name(seed)
+    root = dataclasses.replace(SETTINGS, train_seed=seed).results_root
     sections = [
         f"## Replication: the digits models trained with seed {seed}",
         "",

@@ -96,6 +96,10 @@ def test_unknown_method_is_one_line_and_nothing_written(suite, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no_such_method" in err[0]
     assert not any(tmp_path.iterdir())
+    assert suite.main(["--split", "val", "--train-seed", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--train-seed" in err[0]
+    assert not any(tmp_path.iterdir())
 
 
 def test_target_table_gives_the_margin_in_held_out_images(suite):
@@ -256,6 +260,11 @@ def test_train_suite_passes_the_seed_and_cache_dir_to_train(suite, tmp_path, mon
     assert train_suite.main(argv) == 0
     assert calls == [("vit_t", tmp_path, 3, 2)]
     assert train_suite.parse_args([]).seed == 0
+    # without --cache-dir, another seed trains beside the suite's own weights, not over them
+    assert train_suite.parse_args([]).cache_dir == train_suite.CACHE_DIR
+    assert (
+        train_suite.parse_args(["--seed", "2"]).cache_dir == train_suite.CACHE_DIR / "train-seed-2"
+    )
 
 
 def test_train_seed_measures_another_training_kept_apart(suite, tmp_path, monkeypatch):
