@@ -11,6 +11,11 @@ For every (split, model, MAC target, recovery epochs) that both runs measured, t
 in held-out images.
 
     python scripts/accuracy_compare.py --a old.json --b docs/accuracy.json --out cmp.json
+    python scripts/accuracy_compare.py --a engines/suite/results \
+        --b engines/suite/results/train-seed-1 --also engines/suite/results/train-seed-2
+
+With `--also` (more runs: C, D, ...) the peers are the methods every run measured, and the
+summary counts the points where the default is behind by more than one image in all of them.
 
 `--a`/`--b` take a `docs/accuracy.json` payload or a results directory
 (`engines/suite/results`). Prints a markdown table per split and writes JSON.
@@ -50,25 +55,36 @@ def comparable(records: list[dict[str, Any]]) -> dict[tuple, float]:
     return {k: v[0] for k, v in accuracy_suite.summarise(records).items()}
 
 
-def compare(a: list[dict], b: list[dict], method: str | None = None) -> list[dict[str, Any]]:
+NAMES = "abcdefgh"  # the runs' names in a row's keys: a_default, b_margin, c_margin, ...
+
+
+def compare(
+    a: list[dict], b: list[dict], *more: list[dict], method: str | None = None
+) -> list[dict[str, Any]]:
+    """Per point every run measured: the default and its margin over the best other method that
+    **every** run measured there (runs a, b, then `more` as c, d, ...)."""
+    runs = (a, b, *more)
+    if len(runs) > len(NAMES):
+        raise ValueError(f"at most {len(NAMES)} runs")
     method, comp, nm_method = default_methods(method)
-    stats = comparable(a), comparable(b)
-    images = {r["model"]: r["eval_images"] for r in a + b if "eval_images" in r}
+    stats = [comparable(run) for run in runs]
+    images = {r["model"]: r["eval_images"] for run in runs for r in run if "eval_images" in r}
     rows = []
-    points = sorted(
-        {(k[0], k[3], k[4]) for k in stats[0] if k[1] in (method, nm_method) and k[2] == comp}
-        & {(k[0], k[3], k[4]) for k in stats[1] if k[1] in (method, nm_method) and k[2] == comp},
-        key=str,
+    points = set.intersection(
+        *(
+            {(k[0], k[3], k[4]) for k in st if k[1] in (method, nm_method) and k[2] == comp}
+            for st in stats
+        )
     )
-    for model, target, epochs in points:
+    for model, target, epochs in sorted(points, key=str):
         ours = nm_method if isinstance(target, str) else method
         mine = (model, ours, comp, target, epochs)
-        if mine not in stats[0] or mine not in stats[1]:
+        if any(mine not in st for st in stats):
             continue
         peers = [
             k
             for k in stats[0]
-            if k in stats[1]
+            if all(k in st for st in stats[1:])
             and k[0] == model
             and k[3] == target
             and k[4] == epochs
@@ -82,7 +98,7 @@ def compare(a: list[dict], b: list[dict], method: str | None = None) -> list[dic
             "default": ours,
             "images": images.get(model),
         }
-        for name, run in zip("ab", stats, strict=True):
+        for name, run in zip(NAMES, stats, strict=False):
             best = max(peers, key=run.__getitem__, default=None)
             row[f"{name}_default"] = run[mine]
             row[f"{name}_best_other"] = None if best is None else f"{best[1]}/{best[2]}"
@@ -94,38 +110,48 @@ def compare(a: list[dict], b: list[dict], method: str | None = None) -> list[dic
     return rows
 
 
+def _run_names(rows: list[dict[str, Any]]) -> str:
+    return "".join(n for n in NAMES if rows and f"{n}_margin" in rows[0]) or "ab"
+
+
 def markdown(rows: list[dict[str, Any]]) -> list[str]:
     def margin(value):
         return "–" if value is None else f"{value:+.1f}"
 
-    lines = [
-        "| model | target | +ep | default A | best other A | margin A | default B | "
-        "best other B | margin B | peers |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    names = _run_names(rows)
+    head = ["model", "target", "+ep"]
+    for n in names.upper():
+        head += [f"default {n}", f"best other {n}", f"margin {n}"]
+    lines = ["| " + " | ".join([*head, "peers"]) + " |", "|---" * (len(head) + 1) + "|"]
     for r in rows:
         target = r["target"] if isinstance(r["target"], str) else f"{r['target']:.0%}"
-        lines.append(
-            f"| {r['model']} | {target} | {r['recover_epochs']} | {r['a_default']:.1%} | "
-            f"{r['a_best_other'] or '–'} | {margin(r['a_margin'])} | {r['b_default']:.1%} | "
-            f"{r['b_best_other'] or '–'} | {margin(r['b_margin'])} | {r['peers']} |"
-        )
+        cells = [r["model"], target, str(r["recover_epochs"])]
+        for n in names:
+            cells += [
+                f"{r[f'{n}_default']:.1%}",
+                r[f"{n}_best_other"] or "–",
+                margin(r[f"{n}_margin"]),
+            ]
+        lines.append("| " + " | ".join([*cells, str(r["peers"])]) + " |")
     return lines
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, int]:
-    """How often the default is ahead, within one image, or behind by more, in each run."""
+    """How often the default is ahead, within one image, or behind by more, in each run; and at
+    how many points it is behind by more than one image in every run."""
     out = {}
-    for name in "ab":
+    names = _run_names(rows)
+    for name in names:
         margins = [r[f"{name}_margin"] for r in rows if r[f"{name}_margin"] is not None]
         out[f"{name}_ahead_or_tied"] = sum(m >= -1e-9 for m in margins)
         out[f"{name}_behind_within_1_image"] = sum(-1 - 1e-9 <= m < -1e-9 for m in margins)
         out[f"{name}_behind_more"] = sum(m < -1 - 1e-9 for m in margins)
-    both = [r for r in rows if r["a_margin"] is not None and r["b_margin"] is not None]
-    out["points"] = len(both)
-    out["behind_more_in_both"] = sum(
-        r["a_margin"] < -1 - 1e-9 and r["b_margin"] < -1 - 1e-9 for r in both
-    )
+    every = [r for r in rows if all(r[f"{n}_margin"] is not None for n in names)]
+    out["points"] = len(every)
+    behind = sum(all(r[f"{n}_margin"] < -1 - 1e-9 for n in names) for r in every)
+    out["behind_more_in_all"] = behind
+    if len(names) == 2:
+        out["behind_more_in_both"] = behind
     return out
 
 
@@ -133,6 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--a", type=Path, required=True, help="accuracy.json or results dir")
     parser.add_argument("--b", type=Path, required=True, help="accuracy.json or results dir")
+    parser.add_argument(
+        "--also",
+        nargs="+",
+        type=Path,
+        default=[],
+        help="more runs (C, D, ...: e.g. engines/suite/results/train-seed-2); peers are the "
+        "methods every run measured",
+    )
     parser.add_argument("--splits", nargs="+", default=list(accuracy_suite.SPLITS))
     parser.add_argument("--out", type=Path, default=None, help="JSON of every compared point")
     parser.add_argument(
@@ -142,18 +176,23 @@ def main(argv: list[str] | None = None) -> int:
         "--default", default=None, help="the structured criterion to check (default: PruneConfig's)"
     )
     args = parser.parse_args(argv)
-    for path in (args.a, args.b):
+    paths = [args.a, args.b, *args.also]
+    if len(paths) > len(NAMES):
+        print(f"error: at most {len(NAMES)} runs, got {len(paths)}", file=sys.stderr)
+        return 2
+    for path in paths:
         if not path.exists():
             print(f"error: {path} does not exist", file=sys.stderr)
             return 2
     payload = {}
     for split in args.splits:
-        runs = [load_run(path, split) for path in (args.a, args.b)]
+        runs = [load_run(path, split) for path in paths]
         if args.models:
             runs = [[r for r in run if r["model"] in args.models] for run in runs]
         rows = compare(*runs, method=args.default)
         payload[split] = {"rows": rows, "summary": summary(rows)}
-        print(f"\n## {split}: A = {args.a}, B = {args.b}\n")
+        named = ", ".join(f"{n} = {p}" for n, p in zip(NAMES.upper(), paths, strict=False))
+        print(f"\n## {split}: {named}\n")
         print("\n".join(markdown(rows)))
         print(f"\n{payload[split]['summary']}")
     if args.out:

@@ -211,6 +211,16 @@ def test_compare_sets_the_default_against_the_best_peer_both_runs_measured(suite
     assert abs(row["b_margin"] - (-2.0)) < 1e-9
     summary = accuracy_compare.summary([row])
     assert summary["behind_more_in_both"] == 1 and summary["points"] == 1
+    assert summary["behind_more_in_all"] == 1
+    # a third run without magnitude: only taylor is a peer of all three
+    run_c = [record(default["method"], 270), record("taylor", 280)]
+    (row,) = accuracy_compare.compare(run_a, run_b, run_c)
+    assert row["peers"] == 1
+    assert [round(row[f"{n}_margin"], 9) for n in "abc"] == [-3.0, 5.0, -10.0]
+    summary = accuracy_compare.summary([row])
+    assert summary["behind_more_in_all"] == 0 and "behind_more_in_both" not in summary
+    assert summary["c_behind_more"] == 1
+    assert accuracy_compare.markdown([row])[0].count("margin") == 3
     # a payload file and a missing path on the command line
     payload = tmp_path / "a.json"
     payload.write_text(json.dumps({"splits": {"val": run_a}}))
