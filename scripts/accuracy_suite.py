@@ -156,10 +156,14 @@ class SuiteModel:
         return tuple(int(v) for v in self.data_config["input_size"])
 
 
-@functools.lru_cache(maxsize=2)
 def load_model(key: str) -> SuiteModel:
+    """Suite model `key`; the digits models of the current `SETTINGS.train_seed`'s training."""
+    return _load_model(key, SETTINGS.train_seed if key in train_suite.SUITE else 0)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_model(key: str, seed: int) -> SuiteModel:
     if key in train_suite.SUITE:
-        seed = SETTINGS.train_seed
         model, config = train_suite.load_suite_model(
             key, train_suite.training_dir(seed), threads=SETTINGS.threads, seed=seed
         )

@@ -306,7 +306,7 @@ def test_train_seed_measures_another_training_kept_apart(suite, tmp_path, monkey
     monkeypatch.setattr(
         suite, "SETTINGS", dataclasses.replace(suite.SETTINGS, results_dir=results, train_seed=1)
     )
-    suite.load_model.cache_clear()
+    suite._load_model.cache_clear()
     try:
         record = suite.run_cell("vit_t", "magnitude", "none", 0.0, 0, 0, "val")
         assert trained == [("vit_t", weights / "train-seed-1", 1)]
@@ -327,4 +327,4 @@ def test_train_seed_measures_another_training_kept_apart(suite, tmp_path, monkey
         payload = json.loads(doc_json.read_text())
         assert payload["splits"] == {} and payload["trainings"]["1"]["val"] == [record]
     finally:
-        suite.load_model.cache_clear()
+        suite._load_model.cache_clear()
