@@ -133,12 +133,17 @@ def prune_model(
     else:
         sel = _select(model, calib, spectrum, config, input_shape, criterion, groups)
         step_log = []
-    groups, removed, dense_count, split = sel.groups, sel.removed, sel.dense_count, sel.split
+    channel_groups, removed, dense_count, split = (
+        sel.groups,
+        sel.removed,
+        sel.dense_count,
+        sel.split,
+    )
     comp_calib = None if calib is None else calib[: split["compensate_images"]]
-    pruned = _cut(model, groups, removed).eval()
+    pruned = _cut(model, channel_groups, removed).eval()
     dense_logits = _DenseLogits(comp_calib)
     with dense_logits.watching(model):  # compensation's dense pass gives the headline's logits
-        compensation = _compensate(model, pruned, comp_calib, groups, removed, config)
+        compensation = _compensate(model, pruned, comp_calib, channel_groups, removed, config)
     pruned_count = sel.counts.get(_plan_key(removed)) or count_macs(pruned, (1, *input_shape))
     widths = group_widths(pruned)
     achieved = 1.0 - pruned_count.total_macs / dense_count.total_macs
@@ -178,14 +183,14 @@ def prune_model(
             group_record(
                 g, sel.scores[g.name], removed.get(g.name, set()), sel.unit_macs[g.name], sel.ctx
             )
-            for g in groups
+            for g in channel_groups
         ],
         "totals": {
             **{k: headline[k] for k in ("dense_macs", "pruned_macs", "mac_reduction")},
             **{k: headline[k] for k in ("dense_params", "pruned_params")},
             "within_tolerance": abs(achieved - config.target_macs) <= config.tolerance,
             "units_removed": sum(len(u) for u in removed.values()),
-            "units_total": sum(g.units for g in groups),
+            "units_total": sum(g.units for g in channel_groups),
         },
     }
     if config.steps > 1:
