@@ -313,15 +313,28 @@ def counted_macs(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
     return int(count_macs(model.eval(), (1, *input_shape)).total_macs)
 
 
-def prune(key: str, method: str, compensate: str, target: float | str, seed: int) -> Pruned:
+def prune(
+    key: str,
+    method: str,
+    compensate: str,
+    target: float | str,
+    seed: int,
+    images: torch.Tensor | None = None,
+    photos: list[str] | None = None,
+) -> Pruned:
+    """`key` pruned by `method`; calibrated on `images` (default: the suite's `calibration(key)`)
+    whose photos are `photos` (default: `calibration_photos`, the suite's round-robin crops)."""
     suite = load_model(key)
+    images = calibration(key) if images is None else images
+    photos = calibration_photos(suite, images) if photos is None else photos
     start = time.perf_counter()
     if method.startswith("nm_"):
-        model, masks, extra = _nm(suite, method[3:], compensate, str(target), seed)
+        model, masks, extra = _nm(suite, method[3:], compensate, str(target), seed, images, photos)
     elif method in TP_METHODS:
-        model, masks, extra = _torch_pruning(suite, method[3:], float(target)), None, {}
+        model, masks, extra = _torch_pruning(suite, method[3:], float(target), images), None, {}
     else:
-        model, masks, extra = _ours(suite, method, compensate, float(target), seed), None, {}
+        model = _ours(suite, method, compensate, float(target), seed, images, photos)
+        masks, extra = None, {}
     seconds = time.perf_counter() - start
     dense = counted_macs(suite.model, suite.input_shape)
     if method.startswith("nm_"):
@@ -362,7 +375,9 @@ def calibration_photos(suite: SuiteModel, images: torch.Tensor) -> list[str] | N
     return calibration_groups(images.shape[0])
 
 
-def _ours(suite: SuiteModel, method: str, compensate: str, target: float, seed: int):
+def _ours(
+    suite: SuiteModel, method: str, compensate: str, target: float, seed: int, images, photos
+):
     from mpdeploy.prune import PruneConfig, prune_model
     from mpdeploy.spectrum import analyze_model
 
@@ -370,33 +385,27 @@ def _ours(suite: SuiteModel, method: str, compensate: str, target: float, seed: 
         target_macs=target, method=method, seed=seed, **_config_kwargs(PruneConfig, compensate)
     )
     spectrum = analyze_model(suite.model, sparsity=target)
-    images = calibration(suite.key)
     result = prune_model(
-        suite.model,
-        images,
-        spectrum,
-        config,
-        input_shape=suite.input_shape,
-        groups=calibration_photos(suite, images),
+        suite.model, images, spectrum, config, input_shape=suite.input_shape, groups=photos
     )
     return result.model
 
 
-def _nm(suite: SuiteModel, method: str, compensate: str, pattern: str, seed: int):
+def _nm(suite: SuiteModel, method: str, compensate: str, pattern: str, seed: int, images, photos):
     from mpdeploy.prune.nm import SparsityConfig, sparsify
 
     k, n = (int(v) for v in pattern.split(":"))
     config = SparsityConfig(
         k, n, method=method, seed=seed, **_config_kwargs(SparsityConfig, compensate)
     )
-    images = calibration(suite.key)
-    groups = calibration_photos(suite, images)
-    result = sparsify(suite.model, images, config, input_shape=suite.input_shape, groups=groups)
+    result = sparsify(suite.model, images, config, input_shape=suite.input_shape, groups=photos)
     extra = {"mac_reduction": float(result.headline.get("sparse_mac_reduction", 0.0))}
     return result.model, result.masks, extra
 
 
-def _torch_pruning(suite: SuiteModel, importance: str, target: float) -> torch.nn.Module:
+def _torch_pruning(
+    suite: SuiteModel, importance: str, target: float, images: torch.Tensor
+) -> torch.nn.Module:
     """Torch-Pruning's global pruner, its ratio bisected until the counted MACs match `target`.
 
     Matched within 1 pp, the tolerance of our own planner; the first guess assumes MACs fall with
@@ -405,10 +414,10 @@ def _torch_pruning(suite: SuiteModel, importance: str, target: float) -> torch.n
     dense_macs = counted_macs(suite.model, suite.input_shape)
     base = copy.deepcopy(suite.model).eval()
     if importance == "taylor":
-        _label_free_gradients(base, calibration(suite.key))
+        _label_free_gradients(base, images)
     low, high, ratio, best = 0.0, 0.95, 1.0 - (1.0 - target) ** 0.5, None
     for _ in range(10):
-        model = _tp_prune_at(base, calibration(suite.key), importance, ratio)
+        model = _tp_prune_at(base, images, importance, ratio)
         reduction = 1.0 - counted_macs(model, suite.input_shape) / dense_macs
         if best is None or abs(reduction - target) < abs(best[1] - target):
             best = (model, reduction)

@@ -70,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         for variant in args.variants:
             calib = calibration_batch(variant, lite0.data_config, args.calib_size, seed)
-            # the suite's _ours reads its calibration through this module-level function
-            with mock.patch.object(suite_module, "calibration", return_value=calib):
-                pruned = suite_module._ours(lite0, args.method, args.compensate, args.target, 0)
+            photos = suite_module.calibration_photos(lite0, calib)
+            pruned = suite_module._ours(
+                lite0, args.method, args.compensate, args.target, 0, calib, photos
+            )
             pruned.eval()
             dense_macs = suite_module.counted_macs(lite0.model, lite0.input_shape)
             pruned_macs = suite_module.counted_macs(pruned, lite0.input_shape)

@@ -105,14 +105,7 @@ def run(cells, fold_ids, out: Path | None, calib_size: int = 128, eval_crops: in
         model, eval_transform(model.data_config), load_photos(names), calib_size, eval_crops
     )
     parts = folds(names)
-    records = []
-    saved = suite.calibration, suite.calibration_photos
-    try:
-        for f in fold_ids:
-            records += run_fold(setup, f, parts[f], cells, out)
-    finally:
-        suite.calibration, suite.calibration_photos = saved
-    return records
+    return [r for f in fold_ids for r in run_fold(setup, f, parts[f], cells, out)]
 
 
 def run_fold(setup: Setup, fold: int, held: list[str], cells, out: Path | None) -> list[dict]:
@@ -126,13 +119,10 @@ def run_fold(setup: Setup, fold: int, held: list[str], cells, out: Path | None) 
     images = torch.stack([setup.transform(c) for c in held_crops])
     with torch.no_grad():
         dense = setup.model.model(images).log_softmax(1)
-    # the suite's prune reads its calibration and photo groups through these two functions
-    suite.calibration = lambda key: calib
-    suite.calibration_photos = lambda _suite, _images: photo_of
     records = []
     for method, compensate, target in cells:
         start = time.perf_counter()
-        pruned = suite.prune(KEY, method, compensate, target, 0)
+        pruned = suite.prune(KEY, method, compensate, target, 0, calib, photo_of)
         with torch.no_grad():
             logp = pruned.model.eval()(images).log_softmax(1)
         record = {

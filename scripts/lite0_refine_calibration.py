@@ -69,7 +69,6 @@ def main() -> None:
             "refined": refined(model.model, crops, args.steps, seed, args.cache),
         }
         for name, images in sets.items():
-            suite.calibration = lambda key, images=images: images  # what `prune` calibrates on
             for target in args.targets:
                 method = defaults["method"] if target != "2:4" else "nm_" + args.nm_method
                 pruned = suite.prune(
@@ -78,6 +77,7 @@ def main() -> None:
                     defaults["compensate"],
                     target if target == "2:4" else float(target),
                     0,
+                    images,  # what `prune` calibrates on
                 )
                 for split in ("val", "test"):
                     held = suite.held_out(KEY, split)
