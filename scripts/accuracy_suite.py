@@ -53,6 +53,7 @@ import mpdeploy.models  # noqa: E402,F401  (torchvision shim before timm)
 RESULTS_DIR = train_suite.CACHE_DIR / "results"
 DOC = REPO_ROOT / "docs" / "accuracy.md"
 DOC_JSON = REPO_ROOT / "docs" / "accuracy.json"
+PICTURED = ("test",)  # splits drawn into docs/images/accuracy-<split>.png by --doc
 EFFNET = "efficientnet_lite0"
 DEMO = "demo"
 SPLITS = ("val", "test")
@@ -135,6 +136,13 @@ def defaults() -> dict[str, str]:
 
     fields = {f.name: f.default for f in dataclasses.fields(PruneConfig)}
     return {"method": fields["method"], "compensate": str(fields.get("compensate", "none"))}
+
+
+def _nm_default() -> str:
+    """The default N:M method (`SparsityConfig.method`), without the suite's `nm_` prefix."""
+    from mpdeploy.prune.nm import SparsityConfig
+
+    return SparsityConfig.method
 
 
 def model_keys() -> list[str]:
@@ -811,10 +819,7 @@ def target_checks(records: list[dict[str, Any]]) -> list[str]:
     stats = summarise(records)
     chosen = defaults()
     m, c = chosen["method"], chosen["compensate"]
-    from mpdeploy.prune.nm import SparsityConfig
-
-    nm_name = SparsityConfig.method  # the default N:M method
-    nm_default = f"nm_{nm_name}"
+    nm_default = f"nm_{_nm_default()}"
     rows = []
 
     def get(key, method, comp, target, epochs):
@@ -900,7 +905,7 @@ def target_checks(records: list[dict[str, Any]]) -> list[str]:
             ours, mag = (nm(key, nm_default, epochs), nm(key, "nm_magnitude", epochs))
             ok = None if ours is None or mag is None else ahead(ours, mag)
             add(
-                f"2:4 {nm_name} beats magnitude, {label}",
+                f"2:4 {nm_default[3:]} beats magnitude, {label}",
                 key,
                 _pct(ours),
                 f"> {_pct(mag)}",
@@ -1040,7 +1045,9 @@ def replication_sections(seed: int, payload: dict[str, Any]) -> list[str]:
 
 
 def write_doc(doc: Path = DOC, doc_json: Path = DOC_JSON) -> None:
-    """docs/accuracy.md (intro kept above the generated block) and docs/accuracy.json."""
+    """docs/accuracy.md (intro kept above the generated block), docs/accuracy.json, and one
+    picture per split beside the doc, in images/ (scripts/accuracy_plot.py)."""
+    import accuracy_plot
     from prune_eval import replace_block
 
     sections, payload = [], {"environment": environment(), "splits": {}}
@@ -1052,8 +1059,13 @@ def write_doc(doc: Path = DOC, doc_json: Path = DOC_JSON) -> None:
         targets = sorted(
             {r["target"] for r in records if isinstance(r["target"], float) and r["target"] > 0}
         )
+        sections += _split_section(split, records)
+        if split in PICTURED:
+            sections += [
+                f"![the suite's {split} split as a picture](images/accuracy-{split}.png)",
+                "",
+            ]
         sections += [
-            *_split_section(split, records),
             "### Targets of issue 11",
             "",
             *target_checks(records),
@@ -1067,6 +1079,11 @@ def write_doc(doc: Path = DOC, doc_json: Path = DOC_JSON) -> None:
     env = payload["environment"]
     head = ["Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".", ""]
     sections = head + models_table() + sections
+    names = {**defaults(), "nm_method": _nm_default()}
+    for split in PICTURED:
+        if split in payload["splits"]:
+            image = doc.parent / "images" / f"accuracy-{split}.png"
+            accuracy_plot.plot(payload, split, names, image)
     replace_block(doc, "accuracy-suite", "\n".join(sections).rstrip())
     doc_json.write_text(json.dumps(payload, indent=1) + "\n")
 
