@@ -20,6 +20,11 @@ one seed, one split. Methods are read from the code: every `mpdeploy.prune` crit
 (`tp_magnitude`, `tp_taylor`; pruned to the same COUNTED MACs by bisection on its ratio) and N:M
 (`nm_<method>` for every `mpdeploy.prune.nm.METHODS`, target "2:4"). Every cell's record is a JSON
 file under engines/suite/results/<split>/<model>/, so a rerun skips what is done.
+
+Seeds (`prune_seed`): a zero-shot cell of our methods prunes with its own seed (the Fisher's
+label draws, N:M row samples, `random`'s order), so `--seeds 0 1 2 --recover 0` measures three
+draws of the prune; a recovery cell's seed is the recovery's, over seed 0's prune. Until
+2026-11-29 every zero-shot cell of ours was seed 0's draw only.
 """
 
 from __future__ import annotations
@@ -540,14 +545,25 @@ def cell_path(
 _PRUNED: dict[tuple, Pruned] = {}
 
 
+def prune_seed(method: str, recover_epochs: int, seed: int) -> int:
+    """The seed a cell prunes with. A zero-shot cell of our methods prunes with its own seed:
+    the seed draws a Fisher pass's labels, the N:M row and image samples, `random`'s order and
+    the planner's shuffle of the calibration images, so three zero-shot seeds are three draws
+    of the prune. A recovery cell's seed is the recovery's: every recovery seed trains seed 0's
+    prune (`random`: its own), so the +1 epoch spread is the training's alone. Torch-Pruning
+    takes no seed."""
+    if method in TP_METHODS:
+        return 0
+    return seed if method == "random" or recover_epochs == 0 else 0
+
+
 def _pruned_cached(key, method, compensate, target, seed) -> Pruned:
-    # deterministic criteria ignore the seed: one prune serves every recovery seed
-    prune_seed = seed if method in ("random",) else 0
-    cache_key = (SETTINGS.train_seed, key, method, compensate, target, prune_seed)
+    """`prune(...)` with `seed` (a `prune_seed`), kept for the next cells of the same prune."""
+    cache_key = (SETTINGS.train_seed, key, method, compensate, target, seed)
     if cache_key not in _PRUNED:
         if len(_PRUNED) > 4:
             _PRUNED.pop(next(iter(_PRUNED)))
-        _PRUNED[cache_key] = prune(key, method, compensate, target, prune_seed)
+        _PRUNED[cache_key] = prune(key, method, compensate, target, seed)
     return _PRUNED[cache_key]
 
 
@@ -591,7 +607,8 @@ def run_cell(
     if target in (0, 0.0, "0"):
         record.update(top1=dense_top1, top1_zero_shot=dense_top1, mac_reduction=0.0)
         return _store(path, record)
-    pruned = _pruned_cached(model_key, method, compensate, target, seed)
+    record["prune_seed"] = prune_seed(method, recover_epochs, seed)
+    pruned = _pruned_cached(model_key, method, compensate, target, record["prune_seed"])
     zero_shot = accuracy(pruned.model, data)
     record.update(
         top1_zero_shot=zero_shot,
@@ -662,8 +679,8 @@ def grid(
             for target in method_targets:
                 for comp in comps if ours and _compensates(method) else ["none"]:
                     for epochs in recover:
-                        random = method == "random" or epochs > 0
-                        for seed in seeds if random else seeds[:1]:
+                        seeded = ours or epochs > 0  # Torch-Pruning zero-shot: one draw
+                        for seed in seeds if seeded else seeds[:1]:
                             cells.append(Cell(model, method, comp, target, epochs, seed))
     # first seed first; within it a prune's zero-shot and recovery cells stay adjacent (one prune)
     return sorted(cells, key=lambda c: seeds.index(c.seed) > 0)

@@ -93,16 +93,29 @@ class Setup:
     photos: dict
     calib_size: int = 128
     eval_crops: int = 96
+    prune_seed: int = 0  # the seed of the pruning's own randomness (a Fisher pass's probes)
 
 
-def run(cells, fold_ids, out: Path | None, calib_size: int = 128, eval_crops: int = 96):
+def run(
+    cells,
+    fold_ids,
+    out: Path | None,
+    calib_size: int = 128,
+    eval_crops: int = 96,
+    prune_seed: int = 0,
+):
     """Every cell on every fold of `fold_ids`; the records, also appended to `out`."""
     from mpdeploy.data.calibration import eval_transform
 
     model = suite.load_model(KEY)
     names = photo_names()
     setup = Setup(
-        model, eval_transform(model.data_config), load_photos(names), calib_size, eval_crops
+        model,
+        eval_transform(model.data_config),
+        load_photos(names),
+        calib_size,
+        eval_crops,
+        prune_seed,
     )
     parts = folds(names)
     return [r for f in fold_ids for r in run_fold(setup, f, parts[f], cells, out)]
@@ -122,7 +135,7 @@ def run_fold(setup: Setup, fold: int, held: list[str], cells, out: Path | None) 
     records = []
     for method, compensate, target in cells:
         start = time.perf_counter()
-        pruned = suite.prune(KEY, method, compensate, target, 0, calib, photo_of)
+        pruned = suite.prune(KEY, method, compensate, target, setup.prune_seed, calib, photo_of)
         with torch.no_grad():
             logp = pruned.model.eval()(images).log_softmax(1)
         record = {
@@ -137,6 +150,7 @@ def run_fold(setup: Setup, fold: int, held: list[str], cells, out: Path | None) 
             "seconds": round(time.perf_counter() - start, 1),
             "calib_images": setup.calib_size,
             "eval_crops": setup.eval_crops,
+            "prune_seed": setup.prune_seed,
         }
         records.append(record)
         print(json.dumps(record), flush=True)
@@ -147,14 +161,17 @@ def run_fold(setup: Setup, fold: int, held: list[str], cells, out: Path | None) 
 
 
 def table(records: list[dict]) -> list[str]:
-    """Per cell: agreement and KL per fold and their means."""
+    """Per cell and prune seed: agreement and KL per fold and their means (a record without a
+    prune seed is seed 0's: the script had no --prune-seed before 2026-11-29)."""
     cells: dict[tuple, dict[int, dict]] = {}
     for r in records:
-        cells.setdefault((r["method"], r["compensate"], str(r["target"])), {})[r["fold"]] = r
+        key = (r["method"], r["compensate"], str(r["target"]), r.get("prune_seed", 0))
+        cells.setdefault(key, {})[r["fold"]] = r
     fold_ids = sorted({r["fold"] for r in records})
-    head = "| method | compensation | target | " + " | ".join(f"fold {f}" for f in fold_ids)
-    lines = [head + " | mean agreement | mean KL |", "|---" * (len(fold_ids) + 5) + "|"]
-    for (method, compensate, target), by_fold in sorted(cells.items()):
+    head = "| method | compensation | target | prune seed | "
+    head += " | ".join(f"fold {f}" for f in fold_ids)
+    lines = [head + " | mean agreement | mean KL |", "|---" * (len(fold_ids) + 6) + "|"]
+    for (method, compensate, target, seed), by_fold in sorted(cells.items()):
         shown = [by_fold.get(f) for f in fold_ids]
         values = " | ".join(
             "–" if r is None else f"{r['agreement']:.1%} / {r['kl']:.2f}" for r in shown
@@ -163,7 +180,8 @@ def table(records: list[dict]) -> list[str]:
         agreement = sum(r["agreement"] for r in done) / len(done)
         kl = sum(r["kl"] for r in done) / len(done)
         lines.append(
-            f"| {method} | {compensate} | {target} | {values} | {agreement:.1%} | {kl:.3f} |"
+            f"| {method} | {compensate} | {target} | {seed} | {values} | {agreement:.1%} | "
+            f"{kl:.3f} |"
         )
     return lines
 
@@ -174,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", nargs="+", type=int, default=list(range(FOLDS)))
     parser.add_argument("--out", type=Path, default=None, help="append JSON lines here")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--prune-seed", type=int, default=0, help="the pruning's own seed (Fisher probes)"
+    )
     args = parser.parse_args(argv)
     try:
         cells = [parse_cell(c) for c in args.cells]
@@ -184,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    records = run(cells, args.folds, args.out)
+    records = run(cells, args.folds, args.out, prune_seed=args.prune_seed)
     print("\n".join(table(records)))
     return 0
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_IMAGES = 48
@@ -73,22 +74,48 @@ def test_pruned_cell_record_and_dense_cell(suite, tmp_path):
     assert dense["mac_reduction"] == 0.0
 
 
-def test_grid_reads_the_criterion_registry_and_seeds_only_random_cells(suite):
+def test_grid_reads_the_criterion_registry_and_seeds_every_prune_of_ours(suite):
     from mpdeploy.prune.criteria import CRITERIA
 
     assert set(CRITERIA) <= set(suite.all_methods())
     cells = suite.grid(
-        ["demo"], ["magnitude", "random", "nm_cast"], ["none"], [0.5], [0, 1], [0, 1, 2]
+        ["demo"],
+        ["magnitude", "random", "nm_cast", "tp_magnitude"],
+        ["none"],
+        [0.5],
+        [0, 1],
+        [0, 1, 2],
     )
     seeds = {(c.method, c.recover_epochs): [] for c in cells}
     for c in cells:
         seeds[(c.method, c.recover_epochs)].append(c.seed)
-    assert seeds[("magnitude", 0)] == [0] and seeds[("nm_cast", 0)] == [0]
-    assert sorted(seeds[("random", 0)]) == sorted(seeds[("magnitude", 1)]) == [0, 1, 2]
+    # our prunes draw from their seed (Fisher labels, row samples, shuffles); Torch-Pruning not
+    for method in ("magnitude", "random", "nm_cast"):
+        assert sorted(seeds[(method, 0)]) == [0, 1, 2]
+    assert seeds[("tp_magnitude", 0)] == [0] and sorted(seeds[("tp_magnitude", 1)]) == [0, 1, 2]
     assert {c.target for c in cells if c.method == "nm_cast"} == {"2:4"}
     assert [c.seed for c in cells] == sorted((c.seed for c in cells), key=lambda s: s > 0)
     order = [(c.method, c.recover_epochs) for c in cells if c.seed == 0]
     assert order.index(("magnitude", 0)) + 1 == order.index(("magnitude", 1))  # one prune
+    # a zero-shot cell prunes with its seed; a recovery cell trains seed 0's prune
+    assert [suite.prune_seed("mp_fisher", 0, s) for s in (0, 1, 2)] == [0, 1, 2]
+    assert [suite.prune_seed("mp_fisher", 1, s) for s in (0, 1, 2)] == [0, 0, 0]
+    assert [suite.prune_seed("random", 1, s) for s in (0, 1, 2)] == [0, 1, 2]
+    assert suite.prune_seed("tp_taylor", 0, 2) == 0
+
+
+def test_zero_shot_seeds_are_draws_of_the_prune(suite):
+    """Two zero-shot seeds of a Fisher criterion prune differently (its labels are drawn);
+    the record says which prune seed it used."""
+    one, two = (suite.run_cell("demo", "mp_fisher", "none", 0.5, 0, s, "val") for s in (0, 1))
+    assert one["prune_seed"] == 0 and two["prune_seed"] == 1
+    a, b = (suite._pruned_cached("demo", "mp_fisher", "none", 0.5, s).model for s in (0, 1))
+    differs = [
+        name
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True)
+        if x.shape != y.shape or not torch.equal(x, y)
+    ]
+    assert differs, "seeds 0 and 1 gave the same prune: the seed does not reach the criterion"
 
 
 def test_unknown_method_is_one_line_and_nothing_written(suite, tmp_path, capsys):

@@ -49,11 +49,14 @@ def test_table_means_over_the_folds_it_has(cv):
         {"fold": 0, "method": "m", "compensate": "c", "target": 0.3, "agreement": 0.5, "kl": 1.0},
         {"fold": 1, "method": "m", "compensate": "c", "target": 0.3, "agreement": 0.25, "kl": 2.0},
         {"fold": 1, "method": "n", "compensate": "c", "target": "2:4", "agreement": 0.1, "kl": 3.0},
+        {"fold": 0, "method": "m", "compensate": "c", "target": 0.3, "agreement": 0.0, "kl": 4.0}
+        | {"prune_seed": 1},
     ]
     lines = cv.table(records)
-    assert lines[0].startswith("| method | compensation | target | fold 0 | fold 1 |")
-    assert lines[2] == "| m | c | 0.3 | 50.0% / 1.00 | 25.0% / 2.00 | 37.5% | 1.500 |"
-    assert lines[3] == "| n | c | 2:4 | – | 10.0% / 3.00 | 10.0% | 3.000 |"
+    assert lines[0].startswith("| method | compensation | target | prune seed | fold 0 | fold 1 |")
+    assert lines[2] == "| m | c | 0.3 | 0 | 50.0% / 1.00 | 25.0% / 2.00 | 37.5% | 1.500 |"
+    assert lines[3] == "| m | c | 0.3 | 1 | 0.0% / 4.00 | – | 0.0% | 4.000 |"  # its own row
+    assert lines[4] == "| n | c | 2:4 | 0 | – | 10.0% / 3.00 | 10.0% | 3.000 |"
 
 
 @pytest.mark.parametrize(
