@@ -24,6 +24,13 @@ def test_vit_b16_reads_34_and_68_of_256_and_small_models_read_everything():
     assert (resnet50["score_images"], resnet50["compensate_images"]) == (146, 256)
     small = _split(256, 5_000_000)
     assert (small["score_images"], small["compensate_images"]) == (256, 256)
+    # label draws per image: what the score budget leaves once the images are chosen
+    assert vit_b16["score_draws_budget"] == resnet50["score_draws_budget"] == 1
+    assert small["score_draws_budget"] == 6e11 // (256 * 5_000_000) == 468
+    lite0 = _split(128, 400_000_000)  # efficientnet-lite0's 0.4 GMACs, the suite's 128 crops
+    assert lite0["score_draws_budget"] == 11
+    assert _split(256, 1e13)["score_draws_budget"] == 1  # over budget already: still one draw
+    assert _split(256, 1e9, score_macs=None)["score_draws_budget"] is None
 
 
 def test_floors_none_and_fewer_images_than_the_floor():
@@ -54,6 +61,7 @@ def test_prune_model_scores_and_compensates_on_the_budgeted_images_only():
     split = result.plan["calibration"]
     assert (split["images"], split["score_images"], split["compensate_images"]) == (80, 32, 64)
     assert result.headline["calibration_images"] == 64
+    assert split["score_draws"] == 1  # mp_fisher_taylor: one draw, whatever the budget
     dense = [n for is_dense, n in seen if is_dense and n > 1]  # batch-1 passes count MACs
     assert dense == [32, 32, 32]  # the score pass, then compensation's dense pass (headline too)
     pruned = [n for is_dense, n in seen if not is_dense and n > 1]
@@ -75,3 +83,27 @@ def test_sparsify_reads_the_budgeted_images(calib_macs, read):
     }
     assert result.report["calibration_images"] == read
     assert result.report["compensation"]["calibration_images"] == read
+
+
+@pytest.mark.parametrize(("score_macs", "draws"), [(0.0, 1), (None, 8), (3e8, 3)])
+def test_mp_fisher_draws_takes_the_draws_the_budget_leaves(score_macs, draws):
+    """Eight draws when the budget is open, one when the images already fill it, and in between
+    ⌊score_macs / (images · dense MACs)⌋; the plan records how many it took, and each draw is
+    one backward pass of the scored batch."""
+    model = make_model("test_vit", {})
+    calib = torch.randn(40, *input_size(model), generator=torch.Generator().manual_seed(0))
+    from mpdeploy.prune.macs import count_macs
+
+    dense = count_macs(model, (1, *input_size(model))).total_macs
+    if score_macs:  # 3 draws' worth on the 40 images (the test model is tiny)
+        score_macs = 40 * dense * 3.5
+    backwards = []
+    handle = model.register_full_backward_hook(lambda *args: backwards.append(1))
+    try:
+        config = PruneConfig(0.5, method="mp_fisher_draws", score_macs=score_macs)
+        result = prune_model(model, calib, None, config)
+    finally:
+        handle.remove()
+    assert result.plan["calibration"]["score_draws"] == draws
+    batches = -(-result.plan["calibration"]["score_images"] // config.batch_size)
+    assert len(backwards) == batches * (draws + 1)  # the draws, then taylor's order of heads

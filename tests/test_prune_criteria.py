@@ -177,7 +177,7 @@ def test_mp_fisher_robust_adds_two_standard_errors_of_the_fold_means_by_hand():
     robust = Spy().unit_scores(model, groups, ctx)
     plain = MPFisherTaylorCriterion().unit_scores(model, groups, ctx)
     index = [g.name for g in groups].index("blocks.0.mlp")
-    a2 = captured[index].pow(2).numpy()  # (images, units)
+    a2 = captured[index].numpy()  # (images, units): the squared change, one draw per image
     fold_means = np.stack([a2[folds.numpy() == f].mean(0) for f in range(3)])
     by_hand = (a2.mean(0) + 2.0 * fold_means.std(0, ddof=1) / np.sqrt(3)) / 2.0
     np.testing.assert_allclose(robust["blocks.0.mlp"], by_hand, rtol=1e-10)
@@ -189,6 +189,34 @@ def test_mp_fisher_robust_adds_two_standard_errors_of_the_fold_means_by_hand():
     )
     same = MPFisherRobustCriterion().unit_scores(model, groups, one)
     assert all(np.array_equal(same[g], plain[g]) for g in plain)
+
+
+def test_fisher_draws_average_each_images_draws():
+    """Eight label draws per image: where the model is certain every draw is the same label, so
+    the average is exactly one draw's score; where it is not, the scores vary less between
+    seeds than one draw's."""
+    from mpdeploy.prune.criteria import MPFisherDrawsCriterion, MPFisherTaylorCriterion
+
+    model = make_model("test_vit", {})
+    calib = torch.randn(10, *input_size(model))
+    groups = get_family(model).channel_groups(model)
+
+    def scores(criterion, seed):
+        ctx = ScoringContext(calib, {"blocks.0.mlp.fc2": 2.0}, batch_size=4, seed=seed)
+        return criterion.unit_scores(model, groups, ctx)
+
+    def spread(criterion):  # mean over units of the std / mean over seeds 0-3
+        runs = np.stack([scores(criterion, seed)["blocks.0.mlp"] for seed in range(4)])
+        return float((runs.std(0) / runs.mean(0)).mean())
+
+    assert MPFisherDrawsCriterion.draws == 8
+    assert spread(MPFisherDrawsCriterion()) < 0.6 * spread(MPFisherTaylorCriterion())
+    with torch.no_grad():
+        model.head.bias[3] = 1e4  # softmax exactly one-hot: every draw is class 3
+    one, eight = scores(MPFisherTaylorCriterion(), 0), scores(MPFisherDrawsCriterion(), 0)
+    for name in one:
+        np.testing.assert_allclose(eight[name], one[name], rtol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_prune_model_refuses_calibration_groups_of_the_wrong_length():

@@ -45,8 +45,10 @@ MIN_COMPENSATE_IMAGES = 64  # compensation and the headline at least this many
 class PruneConfig:
     target_macs: float  # fraction of the dense MACs to remove
     # chosen on the suite's validation split (docs/accuracy.md); `mp_fisher_robust` was the
-    # default for half an hour on 2026-11-28 and collapsed on a fresh training (same doc)
-    method: str = "mp_fisher_taylor"
+    # default for half an hour on 2026-11-28 and collapsed on a fresh training (same doc);
+    # `mp_fisher_draws` replaced `mp_fisher_taylor` on 2026-11-29 (one of its label draws
+    # collapsed on a fresh training of a small ViT at 70 %: docs/accuracy.md, "Eight label draws")
+    method: str = "mp_fisher_draws"
     round_to: int = 8
     seed: int = 0
     tolerance: float = 0.01  # |achieved − target| on the MAC-reduction fraction
@@ -177,6 +179,8 @@ def prune_model(
         "calibration": {
             **split,
             "score_folds": _fold_count(sel.ctx) if criterion.uses_folds else None,
+            # label draws per image of a Fisher criterion's pass (None: the criterion has none)
+            "score_draws": criterion.draws_for(sel.ctx),
         },
         "compensation": compensation,
         "groups": [
@@ -268,6 +272,7 @@ def _select(
         folds=None
         if calib is None or image_groups is None
         else fold_ids(list(image_groups)[:scored], scored),
+        max_draws=split["score_draws_budget"],
     )
     criterion.check(ctx)
     scores = criterion.unit_scores(model, groups, ctx)
@@ -357,15 +362,23 @@ def calibration_split(
     A pass over one image costs about `dense_macs` (the scores' backward passes about as much
     again each); the scores read the first ⌊score_macs / dense_macs⌋ images, at least
     MIN_SCORE_IMAGES, compensation and the headline the first ⌊compensate_macs / dense_macs⌋,
-    at least MIN_COMPENSATE_IMAGES, both at most all of them. Small models use every image; on
+    at least MIN_COMPENSATE_IMAGES, both at most all of them. What the score budget leaves per
+    image, ⌊score_macs / (score images · dense_macs)⌋ (at least 1), caps the label draws of a
+    Fisher criterion that takes several (`mp_fisher_draws`). Small models use every image; on
     2 CPU cores ViT-B/16 would otherwise spend ~1.2 s per image in the score passes alone.
     """
     from mpdeploy.prune.macs import images_within
 
     have = 0 if calib is None else int(calib.shape[0])
+    score_images = images_within(config.score_macs, dense_macs, have, MIN_SCORE_IMAGES)
+    if config.score_macs is None or score_images == 0:
+        draws = None
+    else:  # what the budget leaves per image once the images are chosen: ≥ 1 draw
+        draws = max(1, int(config.score_macs // (score_images * max(dense_macs, 1.0))))
     return {
         "images": have,
-        "score_images": images_within(config.score_macs, dense_macs, have, MIN_SCORE_IMAGES),
+        "score_images": score_images,
+        "score_draws_budget": draws,
         "compensate_images": images_within(
             config.compensate_macs, dense_macs, have, MIN_COMPENSATE_IMAGES
         ),
