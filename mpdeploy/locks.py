@@ -13,6 +13,7 @@ import datetime
 import fcntl
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,11 @@ from mpdeploy.errors import BusyError, UserError
 from mpdeploy.fileio import created_parents
 
 REPOSITORY_LOCK = ".mpdeploy.lock"
+UNKNOWN_HOLDER = "holder unknown"
+# a lock taken an instant before its holder wrote its line: re-read it for up to 0.5 s, so the
+# refusal names the pid (seen once under load in tests/test_reliability.py's race)
+HOLDER_WAIT_TRIES = 10
+HOLDER_WAIT_S = 0.05
 
 
 def build_lock_path(build_dir: str | os.PathLike) -> Path:
@@ -59,6 +65,11 @@ def _acquire(lock_path: Path, what: str) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(fd)
+            for _ in range(HOLDER_WAIT_TRIES):  # locked a moment ago: its line is on the way
+                if holder != UNKNOWN_HOLDER:
+                    break
+                time.sleep(HOLDER_WAIT_S)
+                holder = _read_holder(fd)
             os.close(fd)
             raise BusyError(
                 f"{what} is being written by another mpdeploy process ({holder}); "
@@ -78,7 +89,7 @@ def _read_holder(fd: int) -> str:
         text = os.pread(fd, 512, 0).decode(errors="replace").strip()
     except OSError:
         text = ""
-    return " ".join(text.split()) or "holder unknown"
+    return " ".join(text.split()) or UNKNOWN_HOLDER
 
 
 def _now() -> str:
