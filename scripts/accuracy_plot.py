@@ -22,13 +22,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import accuracy_suite as suite
 import numpy as np
+from accuracy_suite import NM_TARGET, TARGETS, TP_METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 PAYLOAD = ROOT / "docs" / "accuracy.json"
-TARGETS = (0.3, 0.5, 0.7)
-NM_TARGET = "2:4"
-TP_METHODS = ("tp_magnitude", "tp_taylor")
 CNN_FLOOR = 90.0  # issue 11: ≥ 90 % of dense at 70 % zero-shot on every CNN
 # panel order: the ViTs, then the CNNs by size, the real-weights network last; others after
 ORDER = ("demo", "vit_t", "vit_s", "convnextv2_n", "resnet18_n", "resnet26_n", "efficientnet_lite0")
@@ -38,15 +37,10 @@ def image_path(split: str) -> Path:
     return ROOT / "docs" / "images" / f"accuracy-{split}.png"
 
 
-def _means(records: Iterable[dict[str, Any]]) -> dict[tuple, float]:
-    """(model, method, compensate, target, recover_epochs) → mean top-1 over seeds."""
-    values: dict[tuple, list[float]] = {}
-    for r in records:
-        if "error" in r or r.get("top1") is None:
-            continue
-        key = (r["model"], r["method"], r["compensate"], r["target"], r["recover_epochs"])
-        values.setdefault(key, []).append(r["top1"])
-    return {k: float(np.mean(v)) for k, v in values.items()}
+def _means(records: list[dict[str, Any]]) -> dict[tuple, float]:
+    """(model, method, compensate, target, recover_epochs) → mean top-1 over seeds (the
+    suite's own `summarise`, so the picture and the tables average alike)."""
+    return {key: mean for key, (mean, _std, _n) in suite.summarise(records).items()}
 
 
 def _dense(records: Iterable[dict[str, Any]]) -> dict[str, float]:
@@ -211,22 +205,6 @@ def plot(payload: dict[str, Any], split: str, names: dict[str, str], out: Path) 
     return data
 
 
-def default_names() -> dict[str, str]:
-    """The defaults `mpdeploy build` uses (PruneConfig's criterion and compensation,
-    SparsityConfig's N:M method)."""
-    import dataclasses
-
-    from mpdeploy.prune import PruneConfig
-    from mpdeploy.prune.nm import SparsityConfig
-
-    fields = {f.name: f.default for f in dataclasses.fields(PruneConfig)}
-    return {
-        "method": fields["method"],
-        "compensate": str(fields["compensate"]),
-        "nm_method": SparsityConfig.method,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--payload", type=Path, default=PAYLOAD)
@@ -235,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     payload = json.loads(args.payload.read_text())
     out = args.out or image_path(args.split)
-    plot(payload, args.split, default_names(), out)
+    plot(payload, args.split, suite.default_names(), out)
     print(out)
     return 0
 

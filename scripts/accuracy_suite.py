@@ -143,11 +143,12 @@ def defaults() -> dict[str, str]:
     return {"method": fields["method"], "compensate": str(fields.get("compensate", "none"))}
 
 
-def _nm_default() -> str:
-    """The default N:M method (`SparsityConfig.method`), without the suite's `nm_` prefix."""
+def default_names() -> dict[str, str]:
+    """`defaults()` and the default N:M method (`SparsityConfig.method`, without the suite's
+    `nm_` prefix) as `nm_method`: what the picture draws as "the default"."""
     from mpdeploy.prune.nm import SparsityConfig
 
-    return SparsityConfig.method
+    return {**defaults(), "nm_method": SparsityConfig.method}
 
 
 def model_keys() -> list[str]:
@@ -836,7 +837,7 @@ def target_checks(records: list[dict[str, Any]]) -> list[str]:
     stats = summarise(records)
     chosen = defaults()
     m, c = chosen["method"], chosen["compensate"]
-    nm_default = f"nm_{_nm_default()}"
+    nm_default = f"nm_{default_names()['nm_method']}"
     rows = []
 
     def get(key, method, comp, target, epochs):
@@ -1096,7 +1097,7 @@ def write_doc(doc: Path = DOC, doc_json: Path = DOC_JSON) -> None:
     env = payload["environment"]
     head = ["Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".", ""]
     sections = head + models_table() + sections
-    names = {**defaults(), "nm_method": _nm_default()}
+    names = default_names()
     for split in PICTURED:
         if split in payload["splits"]:
             image = doc.parent / "images" / f"accuracy-{split}.png"
