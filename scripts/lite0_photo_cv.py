@@ -93,7 +93,7 @@ class Setup:
     photos: dict
     calib_size: int = 128
     eval_crops: int = 96
-    prune_seed: int = 0  # the seed of the pruning's own randomness (a Fisher pass's probes)
+    prune_seed: int = 0  # the seed of the pruning's own randomness (a Fisher pass's label draws)
 
 
 def run(

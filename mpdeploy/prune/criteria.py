@@ -296,7 +296,9 @@ class FisherCriterion(Criterion):
         scores = {}
         for g in groups:
             mu = means[g.name].mean()
-            squared = []  # per batch (rows, units): squared loss change, mean over the draws
+            # per batch (rows, units): the squared loss change, mean over the batch's draws; each
+            # backward appended one entry per group, so a batch's draws are `draws` neighbours
+            squared = []
             for start in range(0, len(first[g.name]), draws):
                 per_draw = [
                     (a - b * mu).view(a.shape[0], g.units, g.unit).sum(2).pow(2)
