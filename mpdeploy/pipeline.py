@@ -27,6 +27,7 @@ SPARSITY_PATTERNS = ("off", "2:4", "4:8", "6:12", "8:16", "12:16")
 TOME_SCHEDULES = ("constant", "decreasing")  # mpdeploy.families.tome.SCHEDULES (no timm import)
 COMPENSATE_INPUTS = ("dense", "pruned", "sequential")  # mpdeploy.prune.compensate.INPUTS (no torch)
 METHODS = (
+    "mp_fisher_split",
     "mp_fisher_taylor",
     "mp_fisher_draws",
     "mp_fisher_robust",
@@ -64,7 +65,7 @@ class BuildOptions:
     sparsity: str = "off"
     sparsity_method: str = "obs_shrink"  # mpdeploy.prune.nm.METHODS (SparsityConfig.method)
     sparsity_dense: tuple[str, ...] = ()  # module-name patterns left dense (dense_layers)
-    method: str = "mp_fisher_taylor"  # PruneConfig.method
+    method: str = "mp_fisher_split"  # PruneConfig.method
     compensate: str = "lsq+bn"  # mpdeploy.prune.compensate.DEFAULT_COMPENSATION
     compensate_inputs: str = "dense"  # mpdeploy.prune.compensate.INPUTS (CompensateConfig.inputs)
     round_to: int = 8

@@ -61,7 +61,7 @@ def test_prune_model_scores_and_compensates_on_the_budgeted_images_only():
     split = result.plan["calibration"]
     assert (split["images"], split["score_images"], split["compensate_images"]) == (80, 32, 64)
     assert result.headline["calibration_images"] == 64
-    assert split["score_draws"] == 1  # mp_fisher_taylor: one draw, whatever the budget
+    assert split["score_draws"] == 2  # mp_fisher_split: its two strata, whatever the budget
     dense = [n for is_dense, n in seen if is_dense and n > 1]  # batch-1 passes count MACs
     assert dense == [32, 32, 32]  # the score pass, then compensation's dense pass (headline too)
     pruned = [n for is_dense, n in seen if not is_dense and n > 1]

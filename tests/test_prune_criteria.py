@@ -250,3 +250,65 @@ def test_prune_model_records_the_folds_its_scores_were_taken_over():
     # a criterion that never reads folds records none
     plain = prune_model(model, calib, None, PruneConfig(target_macs=0.3), groups=["a"] * 12)
     assert plain.plan["calibration"]["score_folds"] is None
+
+
+class _EveryClass:
+    """Test oracle: the label expectation by enumeration, every class a draw at weight p_c."""
+
+    def _label_draws(self, probs, generator, draws):
+        return [
+            (torch.full_like(probs[:, 0], c, dtype=torch.long), probs[:, c]) for c in range(draws)
+        ]
+
+
+def test_fisher_split_is_the_exact_expectation_with_two_classes_and_less_noisy_with_more():
+    """mp_fisher_split: the top class at weight p₁ + one other class at weight 1 − p₁. With two
+    classes that is the whole expectation Σ_c p_c (g_c·Δ)², whatever the seed; with ten its seed
+    spread is below one sampled label's."""
+    from mpdeploy.prune.criteria import MPFisherSplitCriterion, MPFisherTaylorCriterion
+
+    def scores(criterion, model, seed):
+        calib = torch.randn(10, *input_size(model), generator=torch.Generator().manual_seed(5))
+        ctx = ScoringContext(calib, {"blocks.0.mlp.fc2": 2.0}, batch_size=4, seed=seed)
+        return criterion.unit_scores(model, get_family(model).channel_groups(model), ctx)
+
+    two = make_model("test_vit", {"num_classes": 2})
+    with torch.no_grad():  # a random model is ~50:50 on two classes; make it fairly sure
+        two.head.bias.copy_(torch.tensor([2.0, 0.0]))
+
+    class Exact(_EveryClass, MPFisherTaylorCriterion):
+        draws = 2
+
+        def draws_for(self, ctx):
+            return 2
+
+    exact = scores(Exact(), two, 0)
+    for seed in (0, 1):
+        split = scores(MPFisherSplitCriterion(), two, seed)
+        for name in exact:
+            np.testing.assert_allclose(split[name], exact[name], rtol=1e-9)
+    # one sampled label is not the expectation: the test above could fail
+    one = scores(MPFisherTaylorCriterion(), two, 0)["blocks.0.mlp"]
+    assert not np.allclose(one, exact["blocks.0.mlp"], rtol=1e-3, atol=0)
+
+    ten = make_model("test_vit", {})
+    assert ten.num_classes > 2
+    with torch.no_grad():  # fairly sure of class 3 (p ≈ 0.75 of 1000), as a trained model is
+        ten.head.bias[3] = 8.0
+
+    def spread(criterion):  # mean over units of the std / mean over seeds 0-3
+        runs = np.stack([scores(criterion, ten, seed)["blocks.0.mlp"] for seed in range(4)])
+        return float((runs.std(0) / runs.mean(0)).mean())
+
+    assert spread(MPFisherSplitCriterion()) < 0.6 * spread(MPFisherTaylorCriterion())
+    assert all(p.grad is None for p in ten.parameters())
+    # the heads go in `taylor`'s order, from the top-1 stratum's backward (no backward of its own)
+    from mpdeploy.prune.criteria import TaylorCriterion
+
+    taylor = scores(TaylorCriterion(), ten, 0)
+    split = scores(MPFisherSplitCriterion(), ten, 1)
+    heads = [g.name for g in get_family(ten).channel_groups(ten) if g.kind == "attn_heads"]
+    assert heads
+    for name in heads:
+        assert len(set(taylor[name])) == len(taylor[name])  # no ties: the order is defined
+        np.testing.assert_array_equal(np.argsort(split[name]), np.argsort(taylor[name]))

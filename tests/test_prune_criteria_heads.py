@@ -61,10 +61,10 @@ def test_mp_taylor_divides_taylor_by_the_square_root_of_the_budget_weight():
     np.testing.assert_array_equal(mp_taylor["blocks.0.attn"], taylor["blocks.0.attn"])
 
 
-def test_the_default_criterion_is_mp_fisher_taylor():
-    from mpdeploy.pipeline import BuildOptions
+def test_the_default_criterion_is_mp_fisher_split():
+    from mpdeploy.pipeline import METHODS, BuildOptions
 
-    assert PruneConfig(0.5).method == BuildOptions.method == "mp_fisher_taylor"
+    assert PruneConfig(0.5).method == BuildOptions.method == METHODS[0] == "mp_fisher_split"
 
 
 def test_one_forward_per_batch_gives_the_taylor_scores_of_a_taylor_pass_of_their_own():

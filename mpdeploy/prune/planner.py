@@ -48,8 +48,11 @@ class PruneConfig:
     # default for half an hour on 2026-11-28 and collapsed on a fresh training (same doc);
     # `mp_fisher_draws` (eight label draws) was the default for half an hour on 2026-11-29: it
     # removes a one-draw collapse of a small ViT at 70 % but cost efficientnet-lite0 5–8 points
-    # of agreement at 30 % on val and test (docs/accuracy.md, "Eight label draws")
-    method: str = "mp_fisher_taylor"
+    # of agreement at 30 % on val and test (docs/accuracy.md, "Eight label draws");
+    # `mp_fisher_split` (the label expectation in two strata) since 2026-11-29 05:30 UTC: the same
+    # collapse removed at the cost of one draw, efficientnet-lite0 level (docs/accuracy.md,
+    # "Two strata instead of one label")
+    method: str = "mp_fisher_split"
     round_to: int = 8
     seed: int = 0
     tolerance: float = 0.01  # |achieved − target| on the MAC-reduction fraction
