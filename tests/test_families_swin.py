@@ -172,3 +172,23 @@ def test_mp_fisher_robust_gives_each_window_its_images_photo(swin):
     result = prune_model(swin, calib, None, config, groups=["a", "b", "a", "b"])
     assert result.plan["calibration"]["score_folds"] == 2
     assert abs(result.headline["mac_reduction"] - 0.3) <= 0.03
+
+
+def test_mp_fisher_split_weighs_each_window_by_its_images_strata(swin):
+    """Swin's attention sees each image as several windows (rows B·nW): the two strata's
+    per-image weights must be spread over an image's windows (a weight per image against a row
+    per window would not broadcast), and a build prunes a Swin with the default criterion."""
+    from mpdeploy.prune.criteria import MPFisherSplitCriterion
+
+    torch.manual_seed(0)
+    calib = torch.randn(4, *input_size(swin))
+    groups = get_family(swin).channel_groups(swin)
+    windowed = [g for g in groups if g.kind == "attn_heads"]
+    assert windowed
+    ctx = ScoringContext(calib, {}, batch_size=2)
+    scores = MPFisherSplitCriterion().unit_scores(swin, groups, ctx)
+    assert all(np.isfinite(scores[g.name]).all() and (scores[g.name] >= 0).all() for g in groups)
+    assert any(scores[g.name].max() > 0 for g in windowed)
+    result = prune_model(swin, calib, None, PruneConfig(target_macs=0.3, method="mp_fisher_split"))
+    assert result.plan["calibration"]["score_draws"] == 2
+    assert abs(result.headline["mac_reduction"] - 0.3) <= 0.03

@@ -49,7 +49,7 @@ class PruneConfig:
     # `mp_fisher_draws` (eight label draws) was the default for half an hour on 2026-11-29: it
     # removes a one-draw collapse of a small ViT at 70 % but cost efficientnet-lite0 5–8 points
     # of agreement at 30 % on val and test (docs/accuracy.md, "Eight label draws");
-    # `mp_fisher_split` (the label expectation in two strata) since 2026-11-29 05:30 UTC: the same
+    # `mp_fisher_split` (the label expectation in two strata) since 2026-11-29 05:45 UTC: the same
     # collapse removed at the cost of one draw, efficientnet-lite0 level (docs/accuracy.md,
     # "Two strata instead of one label")
     method: str = "mp_fisher_split"
