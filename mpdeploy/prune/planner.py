@@ -50,8 +50,8 @@ class PruneConfig:
     # removes a one-draw collapse of a small ViT at 70 % but cost efficientnet-lite0 5–8 points
     # of agreement at 30 % on val and test (docs/accuracy.md, "Eight label draws");
     # `mp_fisher_split` (the label expectation in two strata) since 2026-11-29 05:45 UTC: the same
-    # collapse removed at the cost of one draw, efficientnet-lite0 level (docs/accuracy.md,
-    # "Two strata instead of one label")
+    # collapse removed with no backward more on a ViT (one more on a CNN), efficientnet-lite0
+    # level (docs/accuracy.md, "Two strata instead of one label")
     method: str = "mp_fisher_split"
     round_to: int = 8
     seed: int = 0
