@@ -151,6 +151,22 @@ def test_report_speedups_mac_ratio_and_noise_warning():
     assert "bench_warning" not in quiet.headline
 
 
+def test_the_picture_draws_an_interval_that_leaves_out_its_point(tmp_path):
+    """A percentile bootstrap interval of a ratio of medians can miss the ratio itself (seen in
+    CI: the plot raised "'yerr' must not contain negative values"); the picture draws it."""
+    from dataclasses import replace
+
+    from mpdeploy.verify.bench import plot_bench
+
+    calls: list[str] = []
+    times = measure_interleaved(_scripted(calls), (1, 8), iterations=3, warmup=0, progress=False)
+    report = make_report(times, _engine(), BenchOptions(max_batch=8), (1, 8), {"mac_ratio": 1.5})
+    assert report.speedup_by_batch[1] == 2.0
+    report = replace(report, speedup_ci95_by_batch={1: [2.1, 2.3], 8: [1.7, 1.9]})
+    out = plot_bench(report, tmp_path / "bench.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_mac_ratio_prefers_sparse_execution_macs_only_for_sparse_engines(tmp_path):
     from mpdeploy.manifest import Manifest
     from mpdeploy.verify.bench import _mac_counts
