@@ -496,6 +496,8 @@ RECIPE_FIELDS = (
     "warmup_fraction",
     "crop_scale",
     "freeze_norms",
+    "min_steps_per_epoch",
+    "min_norm_batch",
     "tau",
     "alpha",
 )
@@ -523,6 +525,7 @@ def recovered(key: str, pruned: Pruned, epochs: int, seed: int) -> tuple[torch.n
     # cells are cached by name: the record says which recipe (RecoverConfig) made this one
     recipe = {k: result.record["config"][k] for k in RECIPE_FIELDS if k in result.record["config"]}
     recipe["batch_size"] = result.record.get("batch_size", recipe.get("batch_size"))
+    recipe["norms_frozen"] = result.record.get("norms_frozen")
     info = {"train": what, "recover_steps": result.record["steps"], "recover_recipe": recipe}
     return result.model, info
 
@@ -787,11 +790,30 @@ def summarise(records: list[dict[str, Any]]) -> dict[tuple, tuple[float, float, 
     return {k: (float(np.mean(v)), float(np.std(v)), len(v)) for k, v in values.items()}
 
 
-def _fmt(stats: tuple[float, float, int] | None) -> str:
+def _fmt(stats: tuple[float, float, int] | None, mark: str = "") -> str:
     if stats is None:
         return "–"
     mean, std, n = stats
-    return f"{mean:.1%}" + (f" ± {std:.1%}" if n > 1 else "")
+    return f"{mean:.1%}" + (f" ± {std:.1%}" if n > 1 else "") + mark
+
+
+OLD_RECIPE = "‡"
+
+
+def old_recipe(record: dict[str, Any]) -> bool:
+    """Whether a recovery cell was trained with an older recipe than RecoverConfig's defaults:
+    its batch is not the one today's rule gives its data (steps × batch ≈ the images of an
+    epoch; cells before 2026-11-27 20:20 UTC record no recipe at all)."""
+    from mpdeploy.prune.recover import RecoverConfig, train_batch_size
+
+    if not record.get("recover_epochs") or "error" in record:
+        return False
+    recipe, steps = record.get("recover_recipe") or {}, record.get("recover_steps")
+    batch = recipe.get("batch_size")
+    if not batch or not steps:
+        return True
+    images = steps * batch // record["recover_epochs"]
+    return batch != train_batch_size(images, RecoverConfig())
 
 
 def model_table(key: str, records: list[dict[str, Any]], targets: list) -> list[str]:
@@ -810,20 +832,35 @@ def model_table(key: str, records: list[dict[str, Any]], targets: list) -> list[
         "|---|---|" + "---|" * (2 * len(targets)),
     ]
     rows = dict.fromkeys((r["method"], r["compensate"]) for r in records if "error" not in r)
+    old = {
+        (r["model"], r["method"], r["compensate"], r["target"], r["recover_epochs"])
+        for r in records
+        if old_recipe(r)
+    }
+
+    def fmt(cell: tuple) -> str:
+        return _fmt(stats.get(cell), OLD_RECIPE if cell in old else "")
+
     for method, comp in rows:
         if method.startswith("nm_"):
             continue
-        cells = [_fmt(stats.get((key, method, comp, t, e))) for e in (0, 1) for t in targets]
+        cells = [fmt((key, method, comp, t, e)) for e in (0, 1) for t in targets]
         lines.append(f"| {method} | {comp} | " + " | ".join(cells) + " |")
     nm_rows = [(m, c) for m, c in rows if m.startswith("nm_")]
     if nm_rows:
         lines += ["", "| N:M 2:4 | compensation | zero-shot | +1 ep |", "|---|---|---|---|"]
         for method, comp in nm_rows:
-            zs, rec = (_fmt(stats.get((key, method, comp, NM_TARGET, e))) for e in (0, 1))
+            zs, rec = (fmt((key, method, comp, NM_TARGET, e)) for e in (0, 1))
             lines.append(f"| {method[3:]} | {comp} | {zs} | {rec} |")
     errors = [r for r in records if "error" in r]
     for r in errors:
         lines.append(f"\nFailed: {r['method']} {r['compensate']} {r['target']}: `{r['error']}`")
+    if old:
+        lines += [
+            "",
+            f"{OLD_RECIPE} one or more of these recovery cells trained with an older recipe "
+            '(fewer steps per epoch; see the finding "More steps per epoch").',
+        ]
     return lines + [""]
 
 

@@ -355,3 +355,43 @@ def test_train_seed_measures_another_training_kept_apart(suite, tmp_path, monkey
         assert payload["splits"] == {} and payload["trainings"]["1"]["val"] == [record]
     finally:
         suite._load_model.cache_clear()
+
+
+def test_recovery_cells_of_an_older_recipe_are_marked_in_the_model_table(suite):
+    """A +1 epoch cell trained at batch 16 (71 steps on the 1,137 fit images) is older than
+    today's rule (batch 8, 142 steps) and carries the mark; today's batch does not, nor does a
+    label-free cell at batch 8 on 128 crops, whose batch the rule leaves as it was."""
+
+    def record(method, target, epochs, batch=None, steps=None):
+        r = {
+            "model": "vit_t",
+            "method": method,
+            "compensate": "lsq+bn",
+            "target": target,
+            "recover_epochs": epochs,
+            "seed": 0,
+            "dense_top1": 0.97,
+            "eval_images": 300,
+            "eval_set": "digits val",
+            "metric": "top1",
+            "top1": 0.95,
+        }
+        if epochs:
+            r.update(recover_steps=steps, recover_recipe={"batch_size": batch})
+        return r
+
+    assert suite.old_recipe(record("magnitude", 0.7, 1, 16, 71))
+    assert suite.old_recipe(record("magnitude", 0.7, 1))  # no recipe recorded: before it was
+    assert not suite.old_recipe(record("magnitude", 0.7, 1, 8, 142))
+    assert not suite.old_recipe(record("magnitude", 0.7, 1, 8, 16))  # 128 calibration crops
+    assert not suite.old_recipe(record("magnitude", 0.7, 0))
+    records = [
+        record("magnitude", 0.7, 0),
+        record("magnitude", 0.7, 1, 16, 71),
+        record("taylor", 0.7, 1, 8, 142),
+    ]
+    lines = suite.model_table("vit_t", records, [0.7])
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
+    assert rows["magnitude"].endswith(f"95.0%{suite.OLD_RECIPE} |")
+    assert not rows["taylor"].endswith(f"{suite.OLD_RECIPE} |")
+    assert any("older recipe" in line for line in lines)

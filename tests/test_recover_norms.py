@@ -34,3 +34,26 @@ def test_recovery_on_calibration_images_freezes_batchnorm_statistics():
     )
     assert moved.record["norms_frozen"] is False
     assert any(not torch.equal(v, before[k]) for k, v in _running_stats(moved.model).items())
+
+
+def test_batches_under_sixteen_images_keep_batchnorm_statistics(tmp_path):
+    """A labelled folder small enough for batch 8 trains with frozen statistics (the batch
+    statistics of 8 images are too noisy, docs/accuracy.md "More steps per epoch"); a batch of 16
+    updates them."""
+    from mpdeploy.data.digits import write_image_folder
+    from mpdeploy.models import data_config_for
+
+    teacher = make_model("test_efficientnet", {})
+    folder = write_image_folder("test", tmp_path / "digits")  # 360 images: batch 8
+    data_config = data_config_for(teacher, input_size(teacher)[-1])
+    quick = dict(epochs=1, max_steps=2, eval_images=4, progress=False, lr=0.0)
+    before = _running_stats(teacher)
+    small = recover(copy.deepcopy(teacher), teacher, folder, data_config, RecoverConfig(**quick))
+    assert small.record["batch_size"] == 8 and small.record["norms_frozen"] is True
+    for name, value in _running_stats(small.model).items():
+        torch.testing.assert_close(value, before[name], msg=name)
+    large = recover(
+        copy.deepcopy(teacher), teacher, folder, data_config, RecoverConfig(**quick, batch_size=16)
+    )
+    assert large.record["norms_frozen"] is False
+    assert any(not torch.equal(v, before[k]) for k, v in _running_stats(large.model).items())

@@ -17,10 +17,12 @@ QUICK = dict(epochs=1, max_steps=3, eval_images=8, progress=False)
 
 def test_batch_size_gives_an_epoch_enough_steps():
     config = RecoverConfig()
-    assert train_batch_size(1137, config) == 16  # the suite's fit split: 71 steps, not 17
+    assert train_batch_size(1137, config) == 8  # the suite's fit split: 142 steps, not 17
     assert train_batch_size(128, config) == 8  # calibration images: the smallest batch
     assert train_batch_size(100_000, config) == 64  # a large folder keeps the batch of 64
-    assert train_batch_size(4096, config, world=2) == 32  # per process under DDP
+    assert train_batch_size(8192, config) == 64  # the smallest folder that does (128 steps)
+    assert train_batch_size(8191, config) == 32
+    assert train_batch_size(4096, config, world=2) == 16  # per process under DDP
     assert train_batch_size(100_000, RecoverConfig(batch_size=24)) == 24
 
 

@@ -10,13 +10,14 @@ re-applied after every optimiser step so momentum and weight decay cannot refill
 process, or under `torchrun` with DistributedDataParallel.
 
 One epoch must count (issue 11: within 3 pp of dense after 1 epoch at 70 % MAC reduction). Chosen on
-the accuracy suite's val split (docs/accuracy.md, "Recovery recipe"; scripts/recover_sweep.py),
-one recipe for ViT, ConvNeXtV2 and ResNet: a batch sized so an epoch has ≥ 64 optimiser steps
-(16 on 1,137 images: 71 steps instead of 17 at batch 64), peak lr 3e-4 (was 1e-4), and no
-random-resized-crop jitter (`crop_scale` (1, 1); was (0.6, 1)). Val top-1 at 70 % + 1 epoch, mean of
-seeds 0–2: vit_t 93.7 → 94.4 %, resnet26_n 93.3 → 95.7 % (old recipe: seed 0). Measured and not
-taken: KD only (α = 1), τ = 1 or 4, lr 1e-3, batch 8 or 32, frozen BatchNorm statistics on image
-folders, crop (0.85, 1), weight EMA (`ema`, 0.99 / 0.95) — within seed noise or worse.
+the accuracy suite's val split (docs/accuracy.md, "Recovery recipe" and "More steps per epoch";
+scripts/recover_sweep.py), one recipe for ViT, ConvNeXtV2 and ResNet: a batch sized so an epoch has
+≥ 128 optimiser steps (8 on 1,137 images: 142 steps; 17 at batch 64 before 2026-11-27, 71 at
+batch 16 until 2026-11-29), peak lr 3e-4 (was 1e-4), no random-resized-crop jitter (`crop_scale`
+(1, 1); was (0.6, 1)), and BatchNorm statistics frozen when a batch holds fewer than 16 images
+(the batch statistics of 8 images cost resnet26_n what the extra steps gave the ViTs). Measured and
+not taken: KD only (α = 1), τ = 1 or 4, lr 1e-3 or 5e-4, weight EMA (`ema`, 0.99 / 0.95), a
+feature-matching term on the block outputs — within seed noise or worse.
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ class RecoverConfig:
     warmup_fraction: float = 0.1  # of all optimiser steps
     weight_decay: float = 0.05
     # None: the largest of 64, 32, 16, 8 that still gives an epoch `min_steps_per_epoch` optimiser
-    # steps (1,137 images → 16, 71 steps; 128 calibration images → 8); an int is used as given
+    # steps (1,137 images → 8, 142 steps; 16,384 → 64; 128 calibration images → 8); an int is
+    # used as given
     batch_size: int | None = None
-    min_steps_per_epoch: int = 64
+    min_steps_per_epoch: int = 128
     alpha: float = 0.5  # weight of the KD term; 1 − alpha on cross-entropy
     tau: float = 2.0
     label_smoothing: float = 0.1
@@ -69,10 +71,12 @@ class RecoverConfig:
     num_workers: int = 0
     progress: bool = True
     # BatchNorm statistics during training: frozen (eval mode; scale and shift still train) or
-    # updated. None: frozen when training on the calibration images (a tensor): a few hundred
-    # crops of a few photos would replace the trained statistics by theirs, which alone took a
-    # dense efficientnet-lite0 to 34 % agreement with itself (prune/compensate.py, `bn`)
+    # updated. None: frozen when training on the calibration images (a few hundred crops of a
+    # few photos would replace the trained statistics by theirs, which alone took a dense
+    # efficientnet-lite0 to 34 % agreement with itself: prune/compensate.py, `bn`), and when a
+    # batch holds fewer than `min_norm_batch` images (their batch statistics are too noisy)
     freeze_norms: bool | None = None
+    min_norm_batch: int = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +122,9 @@ def recover(
     batch_size = train_batch_size(len(train_set), config, world)
     top1_before = top1(student, eval_set, EVAL_BATCH, device)
     on_calibration = torch.is_tensor(train) or isinstance(train, PhotoCropStream)
-    freeze = config.freeze_norms if config.freeze_norms is not None else on_calibration
+    freeze = config.freeze_norms
+    if freeze is None:
+        freeze = on_calibration or batch_size < config.min_norm_batch
     losses = _train(
         student, teacher, train_set, config, masks, device, world, rank, freeze, batch_size
     )
@@ -180,7 +186,8 @@ def train_batch_size(images: int, config: RecoverConfig, world: int = 1) -> int:
     epoch at least `config.min_steps_per_epoch` steps (8 when none does).
 
     One epoch of a few thousand images at batch 64 is ~18 optimiser steps, too few to recover
-    (docs/accuracy.md, "Recovery recipe"); a large folder keeps the efficient batch of 64.
+    (docs/accuracy.md, "Recovery recipe", "More steps per epoch"); a folder of 8,192 images or more
+    keeps the efficient batch of 64.
     """
     if config.batch_size is not None:
         return config.batch_size
