@@ -74,29 +74,42 @@ ON_BASE: dict[str, dict] = {
     "b16_bnfrozen": dict(min_steps_per_epoch=64, freeze_norms=True),
     "bs8": dict(batch_size=8, min_norm_batch=0),  # BatchNorm statistics in training mode
     "bs8_lr2e-4": dict(batch_size=8, min_norm_batch=0, lr=2e-4),
+    # frozen BatchNorm statistics as the pruned student has them (the default until 2026-11-29
+    # 09:30 UTC): stale after a cut without the `bn` compensation
+    "no_reestimate": dict(reestimate_norms=False),
 }
 
 OUT = s.train_suite.CACHE_DIR / "sweep"
 
 
-def pruned(key: str, method: str, target, prune_seed: int = 0) -> s.Pruned:
+def pruned(
+    key: str, method: str, target, prune_seed: int = 0, compensate: str = "lsq+bn"
+) -> s.Pruned:
     train = f"__train{s.SETTINGS.train_seed}" if s.SETTINGS.train_seed else ""
     draw = f"__p{prune_seed}" if prune_seed else ""
-    path = OUT / f"{key}__{method}__{target}{train}{draw}.pt"
+    comp = "" if compensate == "lsq+bn" or method in s.TP_METHODS else f"__{compensate}"
+    path = OUT / f"{key}__{method}__{target}{train}{draw}{comp}.pt"
     if path.is_file():
         return torch.load(path, weights_only=False)
-    result = s.prune(key, method, "lsq+bn", target, prune_seed)
+    result = s.prune(key, method, compensate, target, prune_seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(result, path)
     return result
 
 
 def run(
-    key: str, method: str, target, variant: str, seed: int, prune_seed: int = 0, split: str = "val"
+    key: str,
+    method: str,
+    target,
+    variant: str,
+    seed: int,
+    prune_seed: int = 0,
+    split: str = "val",
+    compensate: str = "lsq+bn",
 ) -> dict:
     suite = s.load_model(key)
     data = s.held_out(key, split)
-    p = pruned(key, method, target, prune_seed)
+    p = pruned(key, method, target, prune_seed, compensate)
     fields = {f.name for f in dataclasses.fields(RecoverConfig)}
     if variant in ON_BASE:
         overrides = ON_BASE[variant]
@@ -116,6 +129,7 @@ def run(
         "variant": variant,
         "model": key,
         "method": method,
+        "compensate": "none" if method in s.TP_METHODS else compensate,
         "target": target,
         "seed": seed,
         "train_seed": s.SETTINGS.train_seed,
@@ -148,6 +162,7 @@ def main() -> None:
         help="prune draws each recovery seed trains (default: draw 0 only, as the suite's cells)",
     )
     parser.add_argument("--split", default="val", choices=["val", "test"])
+    parser.add_argument("--compensate", default="lsq+bn", help="the prune's (Torch-Pruning: none)")
     args = parser.parse_args()
     s.SETTINGS = dataclasses.replace(s.SETTINGS, train_seed=args.train_seed)
     torch.set_num_threads(args.threads)
@@ -157,7 +172,9 @@ def main() -> None:
         for variant in args.variants:
             for key in args.models:
                 for draw in draws:
-                    rec = run(key, args.method, target, variant, seed, draw, args.split)
+                    rec = run(
+                        key, args.method, target, variant, seed, draw, args.split, args.compensate
+                    )
                     OUT.mkdir(parents=True, exist_ok=True)
                     with (OUT / "recover_sweep.jsonl").open("a") as f:
                         f.write(json.dumps(rec) + "\n")

@@ -15,7 +15,10 @@ scripts/recover_sweep.py), one recipe for ViT, ConvNeXtV2 and ResNet: a batch si
 ≥ 128 optimiser steps (8 on 1,137 images: 142 steps; 17 at batch 64 before 2026-11-27, 71 at
 batch 16 until 2026-11-29), peak lr 3e-4 (was 1e-4), no random-resized-crop jitter (`crop_scale`
 (1, 1); was (0.6, 1)), and BatchNorm statistics frozen when a batch holds fewer than 16 images
-(the batch statistics of 8 images cost resnet26_n what the extra steps gave the ViTs). Measured and
+(the batch statistics of 8 images cost resnet26_n what the extra steps gave the ViTs), after
+re-estimating them on the folder (a cut without the `bn` compensation leaves them stale, and
+frozen they stayed so: Torch-Pruning's ResNets lost 4–10 pp after an epoch; docs/accuracy.md,
+"Stale BatchNorm statistics"). Measured and
 not taken: KD only (α = 1), τ = 1 or 4, lr 1e-3 or 5e-4, weight EMA (`ema`, 0.99 / 0.95), a
 feature-matching term on the block outputs — within seed noise or worse.
 """
@@ -77,6 +80,15 @@ class RecoverConfig:
     # batch holds fewer than `min_norm_batch` images (their batch statistics are too noisy)
     freeze_norms: bool | None = None
     min_norm_batch: int = 16
+    # BatchNorm running statistics re-estimated on up to `norm_images` training images before
+    # training (a cumulative average over batches of 64, no gradient). None: when they are then
+    # frozen by the `min_norm_batch` rule on an image folder, so a student pruned without the
+    # `bn` compensation does not train for a whole epoch on statistics its cut made stale (the
+    # batch statistics of 16 or more images used to repair them as training went); never on the
+    # calibration images, where only the `bn` compensation's shift relative to the dense
+    # network is right
+    reestimate_norms: bool | None = None
+    norm_images: int = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +137,14 @@ def recover(
     freeze = config.freeze_norms
     if freeze is None:
         freeze = on_calibration or batch_size < config.min_norm_batch
+    reestimate = config.reestimate_norms
+    if reestimate is None:
+        reestimate = bool(freeze) and config.freeze_norms is None and not on_calibration
+    norms_reestimated = (
+        reestimate_norms(student, train_set, config.norm_images, config.seed, device)
+        if reestimate
+        else 0
+    )
     losses = _train(
         student, teacher, train_set, config, masks, device, world, rank, freeze, batch_size
     )
@@ -155,6 +175,7 @@ def recover(
         "loss_last_step": losses[-1][-1] if steps and losses[-1] else None,
         "masked_tensors": len(masks),
         "norms_frozen": bool(freeze),
+        "norms_reestimated": norms_reestimated,  # BatchNorm layers, before training
         "sparsity": f"{sparsity[0]}:{sparsity[1]}" if sparsity else None,
         "top1_subset": {
             "images": len(eval_set),
@@ -494,6 +515,45 @@ def _train(
         _apply_masks(student, masks, params)
     student.eval()
     return losses
+
+
+def reestimate_norms(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    images: int,
+    seed: int,
+    device: torch.device,
+) -> int:
+    """Replace the running statistics of every BatchNorm of `model` by their cumulative average
+    over a seeded subset of up to `images` items of `dataset` (batches of EVAL_BATCH, no
+    gradient; every other module in eval mode). Returns how many BatchNorm layers it set; every
+    process of a distributed run reads the same images, so they agree."""
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    if not norms or len(dataset) == 0:
+        return 0
+    subset = _eval_subset(len(dataset), images, seed)
+    was_training, momenta = model.training, [m.momentum for m in norms]
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the batches
+        norm.train()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(subset), EVAL_BATCH):
+                batch = [dataset[int(i)][0] for i in subset[start : start + EVAL_BATCH]]
+                if len(batch) < 2 and start:  # one image has no batch variance: done
+                    break
+                model(torch.stack(batch).to(device))
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+        model.train(was_training)
+    return len(norms)
 
 
 class _Ema:
