@@ -385,6 +385,16 @@ def test_recovery_cells_of_an_older_recipe_are_marked_in_the_model_table(suite):
     assert not suite.old_recipe(record("magnitude", 0.7, 1, 8, 142))
     assert not suite.old_recipe(record("magnitude", 0.7, 1, 8, 16))  # 128 calibration crops
     assert not suite.old_recipe(record("magnitude", 0.7, 0))
+    # a BatchNorm network frozen on a folder without re-estimating first (before 2026-11-29
+    # 09:30 UTC) is older; with the re-estimate recorded, or a ViT (no BatchNorm), it is not
+    frozen = {**record("magnitude", 0.7, 1, 8, 142), "model": "resnet18_n"}
+    frozen["recover_recipe"]["norms_frozen"] = True
+    assert suite.old_recipe(frozen)
+    frozen["recover_recipe"]["norms_reestimated"] = 2
+    assert not suite.old_recipe(frozen)
+    vit = record("magnitude", 0.7, 1, 8, 142)
+    vit["recover_recipe"]["norms_frozen"] = True
+    assert not suite.old_recipe(vit)
     records = [
         record("magnitude", 0.7, 0),
         record("magnitude", 0.7, 1, 16, 71),
@@ -395,3 +405,51 @@ def test_recovery_cells_of_an_older_recipe_are_marked_in_the_model_table(suite):
     assert rows["magnitude"].endswith(f"95.0%{suite.OLD_RECIPE} |")
     assert not rows["taylor"].endswith(f"{suite.OLD_RECIPE} |")
     assert any("older recipe" in line for line in lines)
+
+
+def test_default_standing_lists_each_point_another_criterion_is_ahead(suite):
+    """The generated "where the default is not the best" table: a criterion ahead by a mean of
+    1.5 images is listed with that margin; a tie (same mean image count), a criterion behind and
+    Torch-Pruning (a peer with its own target) are not; 2:4 compares N:M methods only."""
+    from mpdeploy.prune.nm import SparsityConfig
+
+    default = suite.defaults()
+    comp = default["compensate"]
+    nm_default = f"nm_{SparsityConfig.method}"
+
+    def record(method, target, epochs, correct, seed=0, c=comp):
+        return {
+            "model": "vit_t",
+            "method": method,
+            "compensate": c,
+            "target": target,
+            "recover_epochs": epochs,
+            "seed": seed,
+            "dense_top1": 0.97,
+            "eval_images": 300,
+            "top1": correct / 300,
+        }
+
+    records = [
+        record(default["method"], 0.7, 0, 270),
+        record("taylor", 0.7, 0, 270),  # tie
+        record("magnitude", 0.7, 0, 260),  # behind
+        record("tp_taylor", 0.7, 0, 280, c="none"),  # a peer, not a criterion of ours
+        record(default["method"], 0.7, 1, 280, seed=0),
+        record(default["method"], 0.7, 1, 281, seed=1),
+        record("magnitude", 0.7, 1, 282, seed=0),  # mean 282 against 280.5: ahead by 1.5
+        record("magnitude", 0.7, 1, 282, seed=1),
+        record(nm_default, "2:4", 0, 290),
+        record("nm_magnitude", "2:4", 0, 291),  # ahead by 1
+        record(default["method"], "2:4", 0, 299),  # not an N:M method: ignored at 2:4
+    ]
+    lines = suite.default_standing(records)
+    rows = [line.split(" | ") for line in lines if line.startswith("| vit_t")]
+    assert [(r[1], r[2], r[-1].strip(" |")) for r in rows] == [
+        ("70%", "+1 ep", "1.5"),
+        ("2:4", "zero-shot", "1.0"),
+    ]
+    assert "`magnitude` 94.0%" in rows[0][4]
+    assert (
+        "best or tied at 1 of 3 points, behind by one image or less at 1, by more at 1" in lines[0]
+    )
