@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     # Busy-waiting OpenMP threads made MP analysis ~8× slower on a shared 2-core machine; a user
     # who wants spinning sets OMP_WAIT_POLICY=ACTIVE. Must happen before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from mpdeploy.errors import DiskError, Terminated, disk_error
+    from mpdeploy.errors import DiskError, Terminated, disk_error, noted_termination
 
     restore = _terminate_like_interrupt()
     try:
@@ -558,6 +558,13 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("mpdeploy: interrupted", err=True)
         return 130
     except Exception as exc:
+        # a C extension that catches what a call into Python raises turns the handler's
+        # Terminated into its own error (matplotlib's Agg renderer: "Invalid bounding box");
+        # the signal was noted, and the `finally` blocks have removed the partial output
+        signum = noted_termination()
+        if signum is not None:
+            click.echo(f"mpdeploy: terminated by signal {signum}; partial output removed", err=True)
+            return 128 + signum
         reason = disk_error(exc)
         if reason is None:
             raise

@@ -70,6 +70,11 @@ def clear_termination() -> None:
     _TERMINATION.clear()
 
 
+def noted_termination() -> int | None:
+    """The first termination signal the CLI's handler noted, or None."""
+    return _TERMINATION[0] if _TERMINATION else None
+
+
 def raise_if_terminated() -> None:
     """Raise `Terminated` again if a termination signal arrived, in case its first raise was
     swallowed where it landed."""

@@ -208,6 +208,32 @@ def test_a_termination_swallowed_inside_a_stage_is_raised_again_after_it(monkeyp
     pipeline.raise_if_terminated()  # restore() disarmed it: nothing pending afterwards
 
 
+def test_a_termination_turned_into_another_error_still_exits_as_terminated(monkeypatch, capsys):
+    """A C extension that catches the handler's `Terminated` and raises its own error instead
+    (matplotlib's Agg renderer answered a SIGTERM mid-draw with "ValueError: Invalid bounding
+    box", 2026-11-29) still ends as terminated: one line, exit 128 + 15, no traceback; without a
+    noted signal the same error is a bug and propagates."""
+    from mpdeploy import cli as cli_module
+    from mpdeploy.errors import note_termination
+
+    def drawing(**kwargs):
+        note_termination(signal.SIGTERM)
+        raise ValueError("Invalid bounding box")
+
+    monkeypatch.setattr(cli_module.cli, "main", drawing)
+    assert cli_module.main(["build"]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.splitlines() == [
+        "mpdeploy: terminated by signal 15; partial output removed"
+    ]
+
+    def bug(**kwargs):
+        raise ValueError("Invalid bounding box")
+
+    monkeypatch.setattr(cli_module.cli, "main", bug)
+    with pytest.raises(ValueError, match="Invalid bounding box"):
+        cli_module.main(["build"])
+
+
 def test_two_builds_race_for_one_output_and_sigterm_cleans_up(tmp_path):
     """Two real builds into the default output: one line at once for the loser; the winner,
     stopped by SIGTERM as `timeout`, CI cancels and Kubernetes do, leaves nothing at all."""
