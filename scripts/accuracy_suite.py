@@ -831,6 +831,15 @@ def old_recipe(record: dict[str, Any]) -> bool:
     )
 
 
+def old_cells(records: list[dict[str, Any]]) -> set[tuple]:
+    """The (model, method, compensate, target, recover_epochs) cells with an `old_recipe` record."""
+    return {
+        (r["model"], r["method"], r["compensate"], r["target"], r["recover_epochs"])
+        for r in records
+        if old_recipe(r)
+    }
+
+
 def model_table(key: str, records: list[dict[str, Any]], targets: list) -> list[str]:
     stats = summarise(records)
     dense = next(r["dense_top1"] for r in records if "dense_top1" in r)
@@ -847,11 +856,7 @@ def model_table(key: str, records: list[dict[str, Any]], targets: list) -> list[
         "|---|---|" + "---|" * (2 * len(targets)),
     ]
     rows = dict.fromkeys((r["method"], r["compensate"]) for r in records if "error" not in r)
-    old = {
-        (r["model"], r["method"], r["compensate"], r["target"], r["recover_epochs"])
-        for r in records
-        if old_recipe(r)
-    }
+    old = old_cells(records)
 
     def fmt(cell: tuple) -> str:
         return _fmt(stats.get(cell), OLD_RECIPE if cell in old else "")
@@ -1034,11 +1039,7 @@ def default_standing(records: list[dict[str, Any]]) -> list[str]:
     m, c = chosen["method"], chosen["compensate"]
     nm_default = f"nm_{default_names()['nm_method']}"
     eval_images = {r["model"]: r["eval_images"] for r in records if "eval_images" in r}
-    old = {
-        (r["model"], r["method"], r["compensate"], r["target"], r["recover_epochs"])
-        for r in records
-        if old_recipe(r)
-    }
+    old = old_cells(records)
     targets = sorted(
         {r["target"] for r in records if isinstance(r["target"], float) and r["target"] > 0}
     )
