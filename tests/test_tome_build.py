@@ -68,6 +68,27 @@ def test_demo_build_headline_states_both_figures_and_writes_tome_png(in_tmp, mon
     assert result.manifest["stages"]["prune"]["status"] == "done"
 
 
+def test_a_total_reduction_through_the_merging_models_target(in_tmp, monkeypatch):
+    """docs/tome.md's recipe: with --tome, --target-macs is a fraction of the merging model's
+    MACs; a --target-macs 0 build's plan.json gives both counts, and 1 − (1 − T) · dense /
+    merging then lands the build's headline (against dense) at the total T."""
+    import mpdeploy.tome_plot
+
+    monkeypatch.setattr(mpdeploy.tome_plot, "SWEEP_POINTS", 0)
+    monkeypatch.setattr(mpdeploy.tome_plot, "SWEEP_IMAGES", 8)
+    stages = ("resolve", "calibrate", "analyze", "prune")
+    first = build(BuildOptions(tome=3, calib_size=16, out="m"), progress=False, stages=stages)
+    record = json.loads((in_tmp / "m" / "plan.json").read_text())["tome"]
+    assert record["macs"] < record["dense_macs"]
+    assert first.manifest["headline"]["mac_reduction"] == pytest.approx(record["mac_reduction"])
+    total = 0.6
+    target = 1.0 - (1.0 - total) * record["dense_macs"] / record["macs"]
+    opts = BuildOptions(tome=3, target_macs=round(target, 4), calib_size=16, out="t")
+    head = build(opts, progress=False, stages=stages).manifest["headline"]
+    assert head["dense_macs"] == record["dense_macs"]
+    assert head["mac_reduction"] == pytest.approx(total, abs=0.01)  # the planner's tolerance
+
+
 BAD_TOME = [
     (["--tome", "11"], "at least one must remain"),
     (["--tome", "11", "--tome-schedule", "decreasing"], "at least one must remain"),
