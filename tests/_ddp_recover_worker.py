@@ -1,6 +1,7 @@
 """Worker for tests/test_recover_ddp.py: recover() under torchrun on CPU (gloo), saves each rank."""
 
 import copy
+import json
 import os
 import sys
 
@@ -34,13 +35,12 @@ assert not w[~masks["blocks.1.mlp.fc1.weight"]].any(), "mask leaked"
 rank = int(os.environ.get("RANK", "0"))
 state = {k: v.contiguous() for k, v in r.model.state_dict().items()}
 save_file(state, os.path.join(sys.argv[1], f"rank{rank}.safetensors"))
-print(
-    "rank",
-    rank,
-    "world",
-    os.environ.get("WORLD_SIZE"),
-    "steps",
-    r.record["steps"],
-    "loss",
-    r.record["loss_last_step"],
-)
+facts = {
+    "rank": rank,
+    "world": os.environ.get("WORLD_SIZE"),
+    "steps": r.record["steps"],
+    "loss": r.record["loss_last_step"],
+}
+# a file per rank: the two ranks share one stdout, and unbuffered prints interleave there
+with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as out:
+    json.dump(facts, out)

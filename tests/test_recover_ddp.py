@@ -1,5 +1,6 @@
 """Recovery under torchrun: DistributedDataParallel on CPU (gloo), two real processes."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -45,4 +46,6 @@ def test_two_ranks_stay_identical_and_keep_masks(tmp_path):
     assert rank0.keys() == rank1.keys()
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
-    assert "world 2" in done.stdout  # both ranks really ran distributed
+    facts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [f["world"] for f in facts] == ["2", "2"]  # both ranks really ran distributed
+    assert facts[0]["steps"] == facts[1]["steps"] > 0
