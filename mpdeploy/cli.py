@@ -546,8 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"mpdeploy: error: {_single_line(str(exc))}", err=True)
         return exc.exit_code
     except Terminated as exc:
-        click.echo(f"mpdeploy: terminated by signal {exc.signum}; partial output removed", err=True)
-        return 128 + exc.signum
+        return _terminated(exc.signum)
     except click.exceptions.Abort:
         click.echo("mpdeploy: aborted", err=True)
         return 130
@@ -563,8 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         # the signal was noted, and the `finally` blocks have removed the partial output
         signum = noted_termination()
         if signum is not None:
-            click.echo(f"mpdeploy: terminated by signal {signum}; partial output removed", err=True)
-            return 128 + signum
+            return _terminated(signum)
         reason = disk_error(exc)
         if reason is None:
             raise
@@ -573,6 +571,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         restore()
     return 0
+
+
+def _terminated(signum: int) -> int:
+    """The one line and exit status of a build stopped by a signal (its output already gone)."""
+    click.echo(f"mpdeploy: terminated by signal {signum}; partial output removed", err=True)
+    return 128 + signum
 
 
 def _single_line(message: str) -> str:

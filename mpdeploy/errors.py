@@ -78,8 +78,9 @@ def noted_termination() -> int | None:
 def raise_if_terminated() -> None:
     """Raise `Terminated` again if a termination signal arrived, in case its first raise was
     swallowed where it landed."""
-    if _TERMINATION:
-        raise Terminated(_TERMINATION[0])
+    signum = noted_termination()
+    if signum is not None:
+        raise Terminated(signum)
 
 
 def one_line(exc: BaseException, limit: int = 200) -> str:
