@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    method, compensate = s.defaults()["method"], s.defaults()["compensate"]
+    chosen = s.defaults()
+    method, compensate = chosen["method"], chosen["compensate"]
     args.out_jsonl.parent.mkdir(parents=True, exist_ok=True)
     with args.out_jsonl.open("a") as out:
         for train in args.trainings:
