@@ -92,3 +92,31 @@ def test_heads_whose_dim_is_not_a_multiple_of_n_are_not_permuted():
     group = get_family(model).channel_groups(model)[0]
     (record,) = permute.permute_groups(model, [group], {}, 16, {group.consumer_module: True})
     assert not record.permuted and record.reason.startswith("head_dim 24 is not a multiple of n=16")
+
+
+def test_the_energies_read_every_image_so_the_seed_does_not_move_the_permutation():
+    """By default (`permute_images=None`) the channel energies come from every image the stage
+    reads: two prune seeds give the same permutation and so the same magnitude masks. Capped at a
+    seeded subset of 4, the budget records 4 and the seeds rank the channels on other images."""
+    from mpdeploy.prune.nm import SparsityConfig, sparsify
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit").eval()
+    images = torch.randn(24, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+    def run(seed, cap=None):
+        config = SparsityConfig(
+            2, 4, method="magnitude", compensate="none", seed=seed, permute_images=cap
+        )
+        return sparsify(model, images, config, input_shape=(3, 64, 64))
+
+    first, second = run(0), run(1)
+    assert first.report["calibration_budget"]["permutation"] == 24
+    assert first.report["permutations"] == second.report["permutations"]
+    assert first.masks.keys() == second.masks.keys()
+    assert all(torch.equal(first.masks[k], second.masks[k]) for k in first.masks)
+
+    capped = [run(seed, cap=4) for seed in range(4)]
+    assert {r.report["calibration_budget"]["permutation"] for r in capped} == {4}
+    masks = {tuple(bytes(r.masks[k].numpy().tobytes()) for k in sorted(r.masks)) for r in capped}
+    assert len(masks) > 1  # at least two of four seeded 4-image subsets rank channels apart

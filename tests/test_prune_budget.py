@@ -80,6 +80,7 @@ def test_sparsify_reads_the_budgeted_images(calib_macs, read):
         "images": 80,
         "read": read,
         "calib_macs": calib_macs,
+        "permutation": read,  # the channel energies read every image the stage reads
     }
     assert result.report["calibration_images"] == read
     assert result.report["compensation"]["calibration_images"] == read

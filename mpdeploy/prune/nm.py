@@ -64,7 +64,11 @@ class SparsityConfig:
     include_classifier: bool = False
     max_rows: int = 4096  # calibration rows per layer for C_g (tokens or im2col patches)
     seed: int = 0
-    permute_images: int = 32  # images for the channel energies E[h²] that rank channels
+    # images for the channel energies E[h²] that rank channels: None = every image the stage
+    # reads (deterministic on distinct images; the default since 2026-11-29, 32 seeded before:
+    # docs/sparsity.md, "The energies from every calibration image"); an int caps it at a
+    # seeded subset of that many
+    permute_images: int | None = None
     batch_size: int = 32
     # CAST only: capture C_g step by step on the network whose earlier steps are already sparse
     # ("block": one step per residual block, "layer": one per layer) instead of in one dense pass
@@ -99,6 +103,10 @@ class SparsityConfig:
         check_method(self.method)
         if self.max_rows < 1:
             raise UserError(f"max_rows must be at least 1 (got {self.max_rows})")
+        if self.permute_images is not None and self.permute_images < 1:
+            raise UserError(
+                f"permute_images must be at least 1 or None (got {self.permute_images})"
+            )
         if isinstance(self.dense_layers, str) or not all(
             isinstance(p, str) and p for p in self.dense_layers
         ):
@@ -281,6 +289,9 @@ def sparsify(
         "read": int(images.shape[0]),
         "calib_macs": config.calib_macs,
     }
+    if config.permute:  # the images whose energies ranked the channels (a seeded subset if capped)
+        read, cap = images.shape[0], config.permute_images
+        report["calibration_budget"]["permutation"] = read if cap is None else min(cap, read)
     report["timing_s"] = {key: round(value, 3) for key, value in timing.items()}
     report["compensation"] = compensation
     return SparsifyResult(model, report, headline_of(report), masks)
@@ -484,8 +495,8 @@ def _permute(model, images, config, eligible) -> list[permute.PermutationRecord]
     return permute.permute_groups(model, groups, energy, config.n, eligible)
 
 
-def _subset(images: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    if images.shape[0] <= count:
+def _subset(images: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
+    if count is None or images.shape[0] <= count:
         return images
     generator = torch.Generator().manual_seed(seed)
     return images[torch.randperm(images.shape[0], generator=generator)[:count].sort().values]
