@@ -118,5 +118,9 @@ def test_the_energies_read_every_image_so_the_seed_does_not_move_the_permutation
 
     capped = [run(seed, cap=4) for seed in range(4)]
     assert {r.report["calibration_budget"]["permutation"] for r in capped} == {4}
+    from mpdeploy.errors import UserError
+
+    with pytest.raises(UserError, match="permute_images must be at least 1"):
+        SparsityConfig(2, 4, permute_images=0)
     masks = {tuple(bytes(r.masks[k].numpy().tobytes()) for k in sorted(r.masks)) for r in capped}
     assert len(masks) > 1  # at least two of four seeded 4-image subsets rank channels apart
