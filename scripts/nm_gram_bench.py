@@ -13,7 +13,6 @@ results to --out (JSON).
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -25,25 +24,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _nm_bench import bench_parser, random_model  # noqa: E402
+
 import mpdeploy.models  # noqa: E402,F401  (torchvision shim before timm)
 from mpdeploy.prune import nm  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="vit_small_patch16_224")
-    parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = bench_parser(__doc__, model="vit_small_patch16_224", images=32)
     args = parser.parse_args(argv)
     import timm
 
     from mpdeploy.data.calibration import load_calibration
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False).eval()
+    model = random_model(args.model, args.threads)
     config = timm.data.resolve_data_config({}, model=model)
     calib = load_calibration("builtin", args.images, config, seed=0).images
     shape = tuple(calib.shape[1:])

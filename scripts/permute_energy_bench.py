@@ -15,7 +15,6 @@ not depend on what the pixels show. Writes every time and the medians to --out (
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import platform
@@ -28,25 +27,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _nm_bench import bench_parser, random_model  # noqa: E402
+
 import mpdeploy.models  # noqa: E402,F401  (torchvision shim before timm)
 from mpdeploy.prune import nm  # noqa: E402
 from mpdeploy.prune.layout import layer_layouts  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="vit_base_patch16_224")
-    parser.add_argument("--images", type=int, default=68)
+    parser = bench_parser(__doc__, model="vit_base_patch16_224", images=68)
     parser.add_argument("--subset", type=int, default=32, help="the capped variant's images")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     import timm
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False).eval()
+    model = random_model(args.model, args.threads)
     shape = tuple(model.pretrained_cfg["input_size"])
     images = torch.randn(args.images, *shape, generator=torch.Generator().manual_seed(0))
     eligible = {lay.name: lay.eligible for lay in layer_layouts(model, 4)}
@@ -57,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             config = nm.SparsityConfig(2, 4, permute_images=cap)
             work = copy.deepcopy(model)
             start = time.perf_counter()
-            records = nm._permute(work, images, config, eligible)
+            records, _ = nm._permute(work, images, config, eligible)
             times[name].append(time.perf_counter() - start)
             print(f"repeat {repeat} {name}: {times[name][-1]:.1f} s", flush=True)
     result = {

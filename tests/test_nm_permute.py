@@ -122,5 +122,22 @@ def test_the_energies_read_every_image_so_the_seed_does_not_move_the_permutation
 
     with pytest.raises(UserError, match="permute_images must be at least 1"):
         SparsityConfig(2, 4, permute_images=0)
-    masks = {tuple(bytes(r.masks[k].numpy().tobytes()) for k in sorted(r.masks)) for r in capped}
+    masks = {tuple(r.masks[k].numpy().tobytes() for k in sorted(r.masks)) for r in capped}
     assert len(masks) > 1  # at least two of four seeded 4-image subsets rank channels apart
+
+
+def test_a_model_without_a_family_reads_no_images_for_the_permutation():
+    """No family, no channel groups: the permutation is skipped, recorded with its reason, and
+    the budget says no image's energies ranked anything."""
+    from mpdeploy.prune.nm import SparsityConfig, sparsify
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(48, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)
+    )
+    images = torch.randn(6, 3, 4, 4)
+    config = SparsityConfig(2, 4, method="magnitude", compensate="none", include_classifier=True)
+    result = sparsify(model, images, config, input_shape=(3, 4, 4))
+    assert result.report["calibration_budget"]["permutation"] == 0
+    (record,) = result.report["permutations"]
+    assert not record["permuted"] and record["reason"].startswith("no family")

@@ -216,7 +216,9 @@ def sparsify(
     eligible = {lay.name: lay.eligible for lay in layouts}
 
     start = time.perf_counter()
-    permutations = _permute(model, images, config, eligible) if config.permute else []
+    permutations, permutation_images = (
+        _permute(model, images, config, eligible) if config.permute else ([], 0)
+    )
     timing["permutation_s"] = time.perf_counter() - start
 
     names = [lay.name for lay in layouts if lay.eligible]
@@ -290,8 +292,7 @@ def sparsify(
         "calib_macs": config.calib_macs,
     }
     if config.permute:  # the images whose energies ranked the channels (a seeded subset if capped)
-        read, cap = images.shape[0], config.permute_images
-        report["calibration_budget"]["permutation"] = read if cap is None else min(cap, read)
+        report["calibration_budget"]["permutation"] = permutation_images
     report["timing_s"] = {key: round(value, 3) for key, value in timing.items()}
     report["compensation"] = compensation
     return SparsifyResult(model, report, headline_of(report), masks)
@@ -475,14 +476,16 @@ def _unexecuted(lay: LayerLayout) -> LayerLayout:
     return dataclasses.replace(lay, eligible=False, reason=reason)
 
 
-def _permute(model, images, config, eligible) -> list[permute.PermutationRecord]:
+def _permute(model, images, config, eligible) -> tuple[list[permute.PermutationRecord], int]:
+    """Fold the channel permutations into `model`; the records, and how many images' energies
+    ranked the channels (0 when the model has no family to permute)."""
     from mpdeploy.families import channel_groups
 
     try:
         groups = channel_groups(model)
     except UserError as exc:
         log.warning("no channel permutation for k:n: %s", exc)
-        return [permute.PermutationRecord("*", "-", "-", False, f"no family: {exc}")]
+        return [permute.PermutationRecord("*", "-", "-", False, f"no family: {exc}")], 0
     consumers = sorted(
         {
             g.consumer_module
@@ -492,7 +495,7 @@ def _permute(model, images, config, eligible) -> list[permute.PermutationRecord]
     )
     subset = _subset(images, config.permute_images, config.seed)
     energy = cast.capture_channel_energy(model, consumers, subset, batch_size=config.batch_size)
-    return permute.permute_groups(model, groups, energy, config.n, eligible)
+    return permute.permute_groups(model, groups, energy, config.n, eligible), subset.shape[0]
 
 
 def _subset(images: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
