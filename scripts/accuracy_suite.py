@@ -335,10 +335,13 @@ def prune(
     seed: int,
     images: torch.Tensor | None = None,
     photos: list[str] | None = None,
+    model: SuiteModel | None = None,
 ) -> Pruned:
     """`key` pruned by `method`; calibrated on `images` (default: the suite's `calibration(key)`)
-    whose photos are `photos` (default: `calibration_photos`, the suite's round-robin crops)."""
-    suite = load_model(key)
+    whose photos are `photos` (default: `calibration_photos`, the suite's round-robin crops).
+    `model`: a trained model outside the suite's registry (scripts/photo_task.py), else
+    `load_model(key)`."""
+    suite = load_model(key) if model is None else model
     images = calibration(key) if images is None else images
     photos = calibration_photos(suite, images) if photos is None else photos
     start = time.perf_counter()
