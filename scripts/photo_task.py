@@ -17,7 +17,8 @@ at the same counted MACs.
     python scripts/photo_task.py --table docs/photo-task.jsonl           # the table in docs/accuracy.md
 
 Weights go to engines/suite/photo/<key>.safetensors (git-ignored), one JSON line per cell to
---out (appended). About 5 s per cell on 2 cores; training ≈ 10 min for all five.
+--out (appended). On 2 cores: 26–57 s to train each model, 1–10 s per zero-shot cell
+(Torch-Pruning, which bisects its ratio, the slowest), 7–11 s per recovery epoch.
 """
 
 from __future__ import annotations
