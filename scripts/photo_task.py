@@ -8,9 +8,10 @@ photo (the 14 calibration photos of efficientnet-lite0's suite cells and the 7 o
 splits, gray ones as RGB), each image a seeded random patch (1–5 % of the photo's area, aspect
 3:4–4:3, random flip) resized to 32×32. Fit, calibration, val and test patches come from
 different seeds; val and test are read together (no choice is made here: the defaults stay as
-chosen on the digits val split), and the pruners are compared zero-shot, one prune draw each, at
-30/50/70 % fewer MACs and 2:4, every one with the suite's own `prune` (`lsq+bn`) and Torch-Pruning
-at the same counted MACs.
+chosen on the digits val split). The pruners are compared at 30/50/70 % fewer MACs and 2:4, one
+prune draw per run (`--seed`), every one with the suite's own `prune` (`lsq+bn`) and Torch-Pruning
+at the same counted MACs, zero-shot and, with `--recover-seeds`, after one epoch of the default
+recovery on the fit patches.
 
     python scripts/photo_task.py --out docs/photo-task.jsonl        # trains missing models first
     python scripts/photo_task.py --models vit_t --methods mp_fisher_split magnitude --out F
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                     "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 }
                 records = [record] + [
-                    {**record, **recovered(model, pruned, seed, data, config)}
+                    {**record, **recovered(model, pruned, seed, data)}
                     for seed in args.recover_seeds
                 ]
                 for record in records:
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def fit_folder(config: dict) -> Path:
+def fit_folder() -> Path:
     """The fit patches as a labelled image folder (what recovery's `--train` reads), written once."""
     from PIL import Image
 
@@ -315,7 +316,7 @@ def fit_folder(config: dict) -> Path:
     return root
 
 
-def recovered(model: suite.SuiteModel, pruned: suite.Pruned, seed: int, data: dict, config):
+def recovered(model: suite.SuiteModel, pruned: suite.Pruned, seed: int, data: dict) -> dict:
     """One epoch of the default recovery (KD + CE on the labelled fit patches, random flips),
     scored on val and test."""
     import copy
@@ -327,7 +328,7 @@ def recovered(model: suite.SuiteModel, pruned: suite.Pruned, seed: int, data: di
     result = recover(
         student,
         model.model,
-        fit_folder(config),
+        fit_folder(),
         model.data_config,
         RecoverConfig(epochs=1, seed=seed, progress=False, eval_images=64),
         masks=pruned.masks,
