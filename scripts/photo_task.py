@@ -16,6 +16,7 @@ recovery on the fit patches.
     python scripts/photo_task.py --out docs/photo-task.jsonl        # trains missing models first
     python scripts/photo_task.py --models vit_t --methods mp_fisher_split magnitude --out F
     python scripts/photo_task.py --table docs/photo-task.jsonl           # the table in docs/accuracy.md
+    python scripts/photo_task.py --train-seed 1 --out F                  # another training's models
 
 Weights go to engines/suite/photo/<key>.safetensors (git-ignored), one JSON line per cell to
 --out (appended). On 2 cores: 26–57 s to train each model, 1–10 s per zero-shot cell
@@ -166,20 +167,27 @@ def train(key: str, config: dict, seed: int = 0) -> dict:
             optimizer.step()
             step += 1
         print(f"{key} epoch {epoch + 1}/{epochs} {time.perf_counter() - start:.0f}s", flush=True)
-    WORK.mkdir(parents=True, exist_ok=True)
+    path = weights_path(key, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(WORK / f"{key}.safetensors"))
+    save_file(state, str(path))
     return {"classes": classes, "epochs": epochs, "seconds": round(time.perf_counter() - start)}
 
 
-def load(key: str, config: dict) -> suite.SuiteModel:
+def weights_path(key: str, seed: int = 0) -> Path:
+    """Training 0's weights in WORK, every other training's in a folder of its own beside them."""
+    folder = WORK / f"{train_suite.TRAINING_PREFIX}{seed}" if seed else WORK
+    return folder / f"{key}.safetensors"
+
+
+def load(key: str, config: dict, seed: int = 0) -> suite.SuiteModel:
     import timm
     from safetensors.torch import load_file
 
     spec = train_suite.SUITE[key]
-    path = WORK / f"{key}.safetensors"
+    path = weights_path(key, seed)
     if not path.is_file():
-        print(key, train(key, config), flush=True)
+        print(key, train(key, config, seed), flush=True)
     state = load_file(str(path))
     model = timm.create_model(
         spec.timm_name, pretrained=False, num_classes=len(photos()), **spec.kwargs
@@ -192,6 +200,9 @@ def table(rows: list[dict]) -> str:
     """Markdown: per model, target and epoch count, val / test top-1 (%) of the default, of the
     best other criterion of ours, of magnitude and of Torch-Pruning's better importance; each a
     mean over the rows present (prune draws zero-shot, recovery seeds after an epoch)."""
+    trainings = {row.get("train_seed", 0) for row in rows}
+    if len(trainings) > 1:
+        raise ValueError(f"rows of {len(trainings)} trainings: table one training at a time")
     names = suite.default_names()
     default = {"structured": names["method"], "nm": f"nm_{names['nm_method']}"}
     cells: dict[tuple, dict[str, list[dict]]] = {}
@@ -242,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     parser.add_argument("--seed", type=int, default=0, help="prune draw")
     parser.add_argument(
+        "--train-seed", type=int, default=0, help="which training of the models (0: the first)"
+    )
+    parser.add_argument(
         "--recover-seeds",
         nargs="+",
         type=int,
@@ -263,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     held = {s: patches(s) for s in ("val", "test")}
     calib = normalised(patches("calib")[0], config)
     for key in args.models:
-        model = load(key, config)
+        model = load(key, config, args.train_seed)
         data = {
             s: suite.HeldOut(normalised(x, config), torch.from_numpy(y), f"photo patches {s}")
             for s, (x, y) in held.items()
@@ -282,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                     "compensate": "none" if method in suite.TP_METHODS else "lsq+bn",
                     "target": target,
                     "seed": args.seed,
+                    "train_seed": args.train_seed,
                     "mac_reduction": round(pruned.mac_reduction, 4),
                     "prune_seconds": round(pruned.seconds, 1),
                     **{f"dense_{s}": dense[s] for s in data},

@@ -75,3 +75,12 @@ def test_table_means_draws_and_epochs_apart_and_keeps_magnitude_out_of_best_othe
     assert lines[3] == "| m | 50% | + 1 ep | 90.0 / 80.0 | 90.0 / 80.0 | – | 70.0 / 60.0 | – |"
     assert lines[4] == "| m | 2:4 | zero-shot | 90.0 / 80.0 | 70.0 / 70.0 | – | 75.0 / 65.0 | – |"
     assert len(lines) == 5
+
+
+def test_table_refuses_rows_of_two_trainings(task):
+    rows = [
+        {**row("m", "magnitude", 0.5, 0.9, 0.9), "train_seed": 0},
+        {**row("m", "magnitude", 0.5, 0.8, 0.8), "train_seed": 1},
+    ]
+    with pytest.raises(ValueError, match="2 trainings"):
+        task.table(rows)
