@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -42,6 +43,7 @@ sys.path.insert(0, str(SCRIPTS))
 
 import accuracy_suite as suite  # noqa: E402
 import train_suite  # noqa: E402
+from lite0_calibration import WIDE_PHOTOS  # noqa: E402
 
 WORK = train_suite.CACHE_DIR / "photo"
 SIZE = 32
@@ -62,15 +64,20 @@ NM_METHODS = ("nm_obs_shrink", "nm_magnitude", "nm_cast")
 TARGETS = (0.3, 0.5, 0.7)
 
 
-def photos() -> list:
+HELD_OUT_PHOTOS = tuple(name for split in ("val", "test") for name in suite.PHOTO_SPLITS[split])
+CLASSES = len(WIDE_PHOTOS) + len(HELD_OUT_PHOTOS)  # one per photo of `photos()`
+
+
+@functools.lru_cache(maxsize=1)
+def photos() -> tuple:
     import skimage
     from lite0_calibration import photo_paths
     from PIL import Image
 
     paths = list(photo_paths())
     root = Path(skimage.__file__).parent / "data"
-    paths += [root / name for split in ("val", "test") for name in suite.PHOTO_SPLITS[split]]
-    return [Image.open(p).convert("RGB") for p in paths]
+    paths += [root / name for name in HELD_OUT_PHOTOS]
+    return tuple(Image.open(p).convert("RGB") for p in paths)
 
 
 def patches(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -126,7 +133,6 @@ def normalised(images: np.ndarray, config: dict) -> torch.Tensor:
 
 def train(key: str, config: dict, seed: int = 0) -> dict:
     """The suite's recipe (AdamW, warm-up + cosine, label smoothing 0.1) with random flips."""
-    import timm
     from safetensors.torch import save_file
 
     spec = train_suite.SUITE[key]
@@ -134,21 +140,8 @@ def train(key: str, config: dict, seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)
     images, labels = patches("fit")
     x, y = normalised(images, config), torch.from_numpy(labels)
-    classes = int(labels.max()) + 1
-    model = timm.create_model(
-        spec.timm_name,
-        pretrained=False,
-        num_classes=classes,
-        drop_path_rate=spec.drop_path,
-        **spec.kwargs,
-    )
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
-    rest = [p for n, p in model.named_parameters() if p.ndim <= 1 or "pos_embed" in n]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": rest}],
-        lr=spec.lr,
-        weight_decay=0.0,
-    )
+    model = train_suite.build_model(spec, CLASSES, drop_path_rate=spec.drop_path)
+    optimizer = train_suite.adamw(model, spec)
     epochs = EPOCHS[key]
     per_epoch = math.ceil(len(y) / spec.batch_size)
     total, warmup = epochs * per_epoch, max(1, epochs // 20) * per_epoch
@@ -171,7 +164,7 @@ def train(key: str, config: dict, seed: int = 0) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(path))
-    return {"classes": classes, "epochs": epochs, "seconds": round(time.perf_counter() - start)}
+    return {"classes": CLASSES, "epochs": epochs, "seconds": round(time.perf_counter() - start)}
 
 
 def weights_path(key: str, seed: int = 0) -> Path:
@@ -181,7 +174,6 @@ def weights_path(key: str, seed: int = 0) -> Path:
 
 
 def load(key: str, config: dict, seed: int = 0) -> suite.SuiteModel:
-    import timm
     from safetensors.torch import load_file
 
     spec = train_suite.SUITE[key]
@@ -189,9 +181,7 @@ def load(key: str, config: dict, seed: int = 0) -> suite.SuiteModel:
     if not path.is_file():
         print(key, train(key, config, seed), flush=True)
     state = load_file(str(path))
-    model = timm.create_model(
-        spec.timm_name, pretrained=False, num_classes=len(photos()), **spec.kwargs
-    )
+    model = train_suite.build_model(spec, CLASSES)
     model.load_state_dict(state)
     return suite.SuiteModel(key, model.eval(), config, "top1")
 

@@ -157,11 +157,23 @@ def weights_path(key: str, cache_dir: Path = CACHE_DIR) -> Path:
     return cache_dir / f"{key}.safetensors"
 
 
-def build_model(spec: SuiteModel, **extra: Any) -> torch.nn.Module:
+def build_model(spec: SuiteModel, num_classes: int = 10, **extra: Any) -> torch.nn.Module:
     import timm
 
     return timm.create_model(
-        spec.timm_name, pretrained=False, num_classes=10, **spec.kwargs, **extra
+        spec.timm_name, pretrained=False, num_classes=num_classes, **spec.kwargs, **extra
+    )
+
+
+def adamw(model: torch.nn.Module, spec: SuiteModel) -> torch.optim.AdamW:
+    """The suite's optimiser: AdamW at `spec.lr`, weight decay on the ≥ 2-D weights but
+    pos_embed."""
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or "pos_embed" in n]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay}],
+        lr=spec.lr,
+        weight_decay=0.0,
     )
 
 
@@ -210,13 +222,7 @@ def train(spec: SuiteModel, cache_dir: Path = CACHE_DIR, seed: int = 0, threads:
     x_val, y_val = to_unit_tensor(val_images), torch.from_numpy(val_labels)
 
     model = build_model(spec, drop_path_rate=spec.drop_path)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or "pos_embed" in n]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay}],
-        lr=spec.lr,
-        weight_decay=0.0,
-    )
+    optimizer = adamw(model, spec)
     steps_per_epoch = math.ceil(len(y_fit) / spec.batch_size)
     total, warmup = spec.epochs * steps_per_epoch, max(1, spec.epochs // 20) * steps_per_epoch
     step, start = 0, time.perf_counter()
